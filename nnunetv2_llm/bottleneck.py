@@ -1,0 +1,54 @@
+"""The bottleneck block: feature map -> tokens -> low-rank projection -> frozen LLM layer -> back -> residual."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class LowRankProjection(nn.Module):
+    """LoRA-style factorised linear map ``in -> rank -> out`` (MedVisionLlama projects with a low-rank adapter).
+
+    ``down`` is Kaiming-uniform (as ``nn.Linear``); ``up`` is zero-initialised when ``zero_init`` is set,
+    which makes the whole map output zeros at step 0 (the LoRA "B = 0" convention).
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, zero_init: bool = False):
+        super().__init__()
+        self.down = nn.Linear(in_features, rank, bias=False)
+        self.up = nn.Linear(rank, out_features, bias=True)
+        nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
+        if zero_init:
+            nn.init.zeros_(self.up.weight)
+            nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (..., in_features) -> (..., out_features)."""
+        return self.up(self.down(x))
+
+
+class LLMBottleneckBlock(nn.Module):
+    """Residual block around a token mixer (a frozen LLM layer, or ``nn.Identity`` for the no-LLM control).
+
+    x: (B, C, *spatial) -> tokens (B, N, C), N = prod(spatial) in raster order -> proj_in (B, N, D)
+    -> mixer (B, N, D) -> proj_out (B, N, C) -> back to (B, C, *spatial) -> x + that.
+    ``proj_out`` is zero-initialised, so at step 0 the block is the identity and the network equals the
+    plain nnU-Net network. The block runs in float32 (or the layer's dtype) with autocast disabled: it is
+    a small share of the FLOPs, and fp16 must not overflow the LLM's residual stream.
+    """
+
+    def __init__(self, channels: int, width: int, rank: int, mixer: nn.Module):
+        super().__init__()
+        self.proj_in = LowRankProjection(channels, width, rank)
+        self.mixer = mixer
+        self.proj_out = LowRankProjection(width, channels, rank, zero_init=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, C, *spatial) -> (B, C, *spatial), same dtype as x."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            tokens = x.float().flatten(2).transpose(1, 2)
+            mixed = self.mixer(self.proj_in(tokens)).float()
+            delta = self.proj_out(mixed).transpose(1, 2).reshape(x.shape)
+            return (x.float() + delta).to(x.dtype)

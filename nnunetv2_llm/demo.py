@@ -1,0 +1,40 @@
+"""``nnunetv2_llm demo``: the main job on the embedded default, with nnU-Net's own commands.
+
+Converts the embedded MSD Hippocampus subset, plans and preprocesses 3d_fullres, trains the LLM trainer at
+a short CPU budget on fold 0, and predicts the unlabelled scan. Each step is skipped when its output exists,
+so running it again resumes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from nnunetv2_llm.nnunet_commands import (
+    FIXTURE, demo_env, ensure_preprocessed, ensure_raw_from_msd, ensure_trained, run, trainer_fold_dir,
+)
+
+DATASET_ID = 4
+CONFIGURATION = "3d_fullres"
+
+
+def run_demo(work_dir: str | Path, trainer: str, device: str, fold: str) -> Path:
+    """Run the demo; returns the predictions folder."""
+    work = Path(work_dir)
+    env = demo_env(work)
+    raw = ensure_raw_from_msd(FIXTURE, DATASET_ID, env)
+    ensure_preprocessed(DATASET_ID, CONFIGURATION, env)
+    ensure_trained(DATASET_ID, CONFIGURATION, trainer, fold, env, device)
+    predictions = work.resolve() / "predictions" / trainer
+    if not list(predictions.glob("*.nii.gz")):
+        run(["nnUNetv2_predict", "-i", str(raw / "imagesTs"), "-o", str(predictions), "-d", str(DATASET_ID),
+             "-c", CONFIGURATION, "-f", fold, "-tr", trainer, "-device", device, "-npp", "1", "-nps", "1"], env)
+    fold_dir = trainer_fold_dir(env, DATASET_ID, CONFIGURATION, trainer, fold)
+    print("\nDone.")
+    print(f"  model folder:        {fold_dir.parent}")
+    print(f"  validation (fold {fold}): {fold_dir / 'validation'} (summary.json: nnU-Net's own metrics)")
+    print(f"  training curves:     {fold_dir / 'progress.png'}")
+    print(f"  prediction:          {predictions}")
+    print("  To use these folders in your shell:")
+    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer"):
+        print(f"    export {name}='{env[name]}'")
+    return predictions

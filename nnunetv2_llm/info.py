@@ -1,0 +1,42 @@
+"""``nnunetv2_llm info``: what the trainers will use, validated before any training starts."""
+
+from __future__ import annotations
+
+import os
+
+from nnunetv2_llm.environment import NNUNET_FOLDERS, TRAINERS_DIR, export_lines, ext_trainer_value
+from nnunetv2_llm.llm_source import ENV_LAYER, ENV_SOURCE
+
+
+def print_info(llm_source: str | None = None, llm_layer: str | None = None, exports: bool = False) -> int:
+    """Print the resolved LLM choice and what the environment still lacks (exit code 0 when the LLM is valid).
+
+    Raises LLMSettingError (turned into a one-line message by the CLI) for a bad source or layer.
+    """
+    if exports:
+        print(export_lines())
+        return 0
+    from nnunetv2_llm.spec import make_spec
+
+    spec = make_spec("pretrained", source=llm_source, layer=llm_layer)
+    print(f"LLM source:  {spec.source} ({spec.source_format}; from "
+          f"{'--llm-source' if llm_source else ENV_SOURCE if os.environ.get(ENV_SOURCE) else 'embedded default'})")
+    print(f"LLM layer:   {spec.layer} of {spec.llm_config['num_hidden_layers']} "
+          f"({'--llm-layer' if llm_layer else ENV_LAYER if os.environ.get(ENV_LAYER) else 'default: last'})")
+    print(f"model type:  {spec.model_type}, hidden size {spec.width}, weights {spec.dtype}")
+    print(f"layer sha256: {spec.layer_sha256}")
+
+    missing = []
+    if not TRAINERS_DIR.is_dir():
+        missing.append(f"trainers folder {TRAINERS_DIR} (install the repo with `pip install -e .`)")
+    elif str(TRAINERS_DIR) not in os.environ.get("nnUNet_extTrainer", "").split(os.pathsep):
+        missing.append(f"nnUNet_extTrainer does not include {TRAINERS_DIR}: "
+                       f"export nnUNet_extTrainer='{ext_trainer_value()}'")
+    missing += [f"{name} is not set" for name in NNUNET_FOLDERS if not os.environ.get(name)]
+    print("nnUNet_extTrainer: " + os.environ.get("nnUNet_extTrainer", "(not set)"))
+    if missing:
+        print("missing:\n  - " + "\n  - ".join(missing))
+        print("`eval \"$(nnunetv2_llm info --exports)\"` sets the trainers folder and any nnU-Net folder already known.")
+    else:
+        print("missing:     nothing")
+    return 0

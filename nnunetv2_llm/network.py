@@ -1,0 +1,68 @@
+"""nnU-Net's planned network with the LLM bottleneck block inserted on the deepest encoder features."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from nnunetv2_llm.bottleneck import LLMBottleneckBlock
+from nnunetv2_llm.frozen_layer import FrozenLLMLayer
+from nnunetv2_llm.llm_source import layer_blueprint, read_layer_state_dict
+from nnunetv2_llm.spec import BottleneckSpec, source_available
+
+
+class LLMBottleneckUNet(nn.Module):
+    """Wraps a dynamic-network-architectures U-Net (PlainConvUNet, ResidualEncoderUNet, ...).
+
+    Keeps its ``encoder`` and ``decoder`` as they are (same state-dict keys, same ``decoder.deep_supervision``
+    switch nnU-Net toggles) and applies ``bottleneck`` to the last skip, i.e. the deepest features.
+    x: (B, C_in, *patch) -> logits (B, K, *patch), or a list of them with deep supervision.
+    """
+
+    def __init__(self, unet: nn.Module, bottleneck: LLMBottleneckBlock):
+        super().__init__()
+        self.encoder = unet.encoder
+        self.decoder = unet.decoder
+        self.bottleneck = bottleneck
+
+    def forward(self, x: torch.Tensor):
+        skips = self.encoder(x)
+        return self.decoder([*skips[:-1], self.bottleneck(skips[-1])])
+
+
+def build_mixer(spec: BottleneckSpec) -> nn.Module:
+    """The token mixer the spec asks for. For 'pretrained', weights come from the source when it is
+    present; otherwise (prediction on another machine) a placeholder of the right shape and dtype is built
+    and the checkpoint's ``network_weights`` fill it."""
+    if spec.mixer == "identity":
+        return nn.Identity()
+    config = spec.hf_config()
+    blueprint = layer_blueprint(config)
+    if spec.mixer == "pretrained" and source_available(spec):
+        state = read_layer_state_dict(Path(spec.source), config, spec.layer, blueprint)
+        mixer = FrozenLLMLayer.from_state_dict(blueprint, config, spec.layer, state)
+    else:
+        mixer = FrozenLLMLayer.random(blueprint, config, spec.layer, spec.seed, getattr(torch, spec.dtype))
+    if spec.lora_rank > 0:
+        add_lora(mixer, spec.lora_rank, spec.lora_alpha)
+    return mixer
+
+
+def add_lora(mixer: FrozenLLMLayer, rank: int, alpha: int) -> None:
+    """peft LoRA adapters on every linear of the frozen layer; only the adapters train."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    targets = sorted({name.split(".")[-1] for name, m in mixer.layer.named_modules() if isinstance(m, nn.Linear)})
+    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets),
+                            mixer.layer)
+    for name, param in mixer.layer.named_parameters():
+        param.requires_grad_("lora_" in name)
+
+
+def build_llm_unet(spec: BottleneckSpec, unet: nn.Module) -> LLMBottleneckUNet:
+    """Insert the block described by ``spec`` into an already built nnU-Net network."""
+    channels = unet.encoder.output_channels[-1]
+    block = LLMBottleneckBlock(channels, spec.width, spec.rank, build_mixer(spec))
+    return LLMBottleneckUNet(unet, block)

@@ -1,0 +1,78 @@
+"""nnU-Net's own command-line entry points, run as subprocesses, each skipped when its output exists."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from nnunetv2_llm.environment import nnunet_env
+
+FIXTURE = Path(__file__).resolve().parent / "data" / "Task04_Hippocampus"
+
+
+class NnUNetCommandError(RuntimeError):
+    """An nnU-Net command exited non-zero; its own output has already been shown."""
+
+
+def nnunet_command(name: str) -> str:
+    """The console script next to this Python (so a venv works without being activated)."""
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else name
+
+
+def run(args: list[str], env: dict[str, str]) -> None:
+    print("$ " + " ".join(args), flush=True)
+    result = subprocess.run([nnunet_command(args[0]), *args[1:]], env={**os.environ, **env})
+    if result.returncode != 0:
+        raise NnUNetCommandError(f"`{' '.join(args)}` failed with exit code {result.returncode}")
+
+
+def dataset_folder(root: str, dataset_id: int) -> Path | None:
+    """The ``DatasetXXX_*`` folder of ``dataset_id`` under an nnU-Net root, if any."""
+    found = sorted(Path(root).glob(f"Dataset{dataset_id:03d}_*")) if Path(root).is_dir() else []
+    return found[0] if found else None
+
+
+def ensure_raw_from_msd(msd_folder: Path, dataset_id: int, env: dict[str, str]) -> Path:
+    if dataset_folder(env["nnUNet_raw"], dataset_id) is None:
+        run(["nnUNetv2_convert_MSD_dataset", "-i", str(msd_folder), "-overwrite_id", str(dataset_id), "-np", "2"], env)
+    return dataset_folder(env["nnUNet_raw"], dataset_id)
+
+
+def ensure_preprocessed(dataset_id: int, configuration: str, env: dict[str, str], plans: str = "nnUNetPlans") -> None:
+    pre = dataset_folder(env["nnUNet_preprocessed"], dataset_id)
+    if pre is None or not (pre / f"{plans}.json").is_file() or not (pre / f"{plans}_{configuration}").is_dir():
+        run(["nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", configuration,
+             "--verify_dataset_integrity", "-np", "2"], env)
+
+
+def trainer_fold_dir(env: dict[str, str], dataset_id: int, configuration: str, trainer: str, fold: str,
+                     plans: str = "nnUNetPlans") -> Path | None:
+    results = dataset_folder(env["nnUNet_results"], dataset_id)
+    return results / f"{trainer}__{plans}__{configuration}" / f"fold_{fold}" if results else None
+
+
+def ensure_trained(dataset_id: int, configuration: str, trainer: str, fold: str, env: dict[str, str],
+                   device: str, plans: str = "nnUNetPlans") -> None:
+    """Train unless finished; an interrupted run continues from its latest checkpoint (``--c``)."""
+    fold_dir = trainer_fold_dir(env, dataset_id, configuration, trainer, fold, plans)
+    if fold_dir and (fold_dir / "checkpoint_final.pth").is_file():
+        if not (fold_dir / "validation" / "summary.json").is_file():
+            run(["nnUNetv2_train", str(dataset_id), configuration, fold, "-tr", trainer, "-p", plans,
+                 "-device", device, "--val"], env)
+        return
+    resume = ["--c"] if fold_dir and (fold_dir / "checkpoint_latest.pth").is_file() else []
+    run(["nnUNetv2_train", str(dataset_id), configuration, fold, "-tr", trainer, "-p", plans,
+         "-device", device, *resume], env)
+
+
+def demo_env(work_dir: Path) -> dict[str, str]:
+    """nnU-Net folders under ``work_dir`` (whatever the shell has set), plus the trainers folder."""
+    env = nnunet_env()
+    env.update({name: str(work_dir.resolve() / name) for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")})
+    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        Path(env[name]).mkdir(parents=True, exist_ok=True)
+    return env
+

@@ -1,0 +1,97 @@
+"""nnUNetTrainerLLM and its controls: nnU-Net's trainer with the LLM bottleneck block in the planned network."""
+
+from __future__ import annotations
+
+import torch
+from batchgenerators.utilities.file_and_folder_operations import isfile, join, load_json
+from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+from torch import nn
+
+from nnunetv2_llm.errors import LLMSettingError, exit_on_setting_error
+from nnunetv2_llm.network import build_llm_unet
+from nnunetv2_llm.spec import PLANS_KEY, BottleneckSpec, make_spec
+
+
+class nnUNetTrainerLLM(nnUNetTrainer):
+    """A frozen pre-trained LLM layer (``$nnUNet_LLM_SOURCE``, layer ``$nnUNet_LLM_LAYER``; default: the
+    last layer of the embedded SmolLM2-135M) at the bottleneck of nnU-Net's planned network."""
+
+    llm_mixer = "pretrained"
+    llm_rank = 64
+    llm_lora_rank = 0
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        with exit_on_setting_error():
+            spec = make_spec(self.llm_mixer, rank=self.llm_rank, lora_rank=self.llm_lora_rank)
+            self._check_model_folder(spec)
+        spec.to_plans(self.plans_manager.plans)
+        self.print_to_log_file(
+            f"nnunetv2_llm: mixer={spec.mixer} source={spec.source} layer={spec.layer} "
+            f"({spec.model_type}, width {spec.width}, {spec.dtype}) rank={spec.rank} lora_rank={spec.lora_rank}",
+            also_print_to_console=True)
+
+    def _check_model_folder(self, spec: BottleneckSpec) -> None:
+        """Refuse to mix LLM choices in one model folder (other folds, or a `--c` resume)."""
+        saved_plans = join(self.output_folder_base, "plans.json") if self.output_folder_base else None
+        if not saved_plans or not isfile(saved_plans):
+            return
+        saved = load_json(saved_plans).get(PLANS_KEY)
+        if saved is None:
+            return
+        saved_spec = BottleneckSpec(**saved)
+        if saved_spec.identity_for_comparison() != spec.identity_for_comparison():
+            differing = sorted(k for k, v in spec.identity_for_comparison().items()
+                               if saved_spec.identity_for_comparison()[k] != v)
+            raise LLMSettingError(
+                f"the model folder {self.output_folder_base} was trained with another LLM setting "
+                f"(saved: source {saved_spec.source}, layer {saved_spec.layer}; differs in {differing}). "
+                "Set the same source and layer, or use a new results folder",
+                "nnUNet_LLM_SOURCE / nnUNet_LLM_LAYER",
+            )
+
+    @staticmethod
+    def build_network_architecture(plans_manager: PlansManager,
+                                   configuration_manager: ConfigurationManager,
+                                   num_input_channels: int,
+                                   num_output_channels: int,
+                                   enable_deep_supervision: bool = True) -> nn.Module:
+        unet = get_network_from_plans(
+            configuration_manager.network_arch_class_name,
+            configuration_manager.network_arch_init_kwargs,
+            configuration_manager.network_arch_init_kwargs_req_import,
+            num_input_channels,
+            num_output_channels,
+            allow_init=True,
+            deep_supervision=enable_deep_supervision)
+        with exit_on_setting_error():
+            return build_llm_unet(BottleneckSpec.from_plans(plans_manager.plans), unet)
+
+    def configure_optimizers(self):
+        """nnU-Net's SGD + poly schedule over the trainable parameters only (the frozen layer is left out)."""
+        trainable = [p for p in self.network.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(trainable, self.initial_lr, weight_decay=self.weight_decay,
+                                    momentum=0.99, nesterov=True)
+        return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
+
+
+class nnUNetTrainerLLMNoLLM(nnUNetTrainerLLM):
+    """Control: the same wrapper and projections, the LLM layer replaced by the identity."""
+
+    llm_mixer = "identity"
+
+
+class nnUNetTrainerLLMRandom(nnUNetTrainerLLM):
+    """Control: the same layer architecture, randomly initialised (fixed seed) and frozen."""
+
+    llm_mixer = "random"
+
+
+class nnUNetTrainerLLM_LoRA(nnUNetTrainerLLM):
+    """The frozen pre-trained layer with trainable peft LoRA adapters (rank 8) on its linear layers."""
+
+    llm_lora_rank = 8

@@ -1,0 +1,184 @@
+"""End-to-end comparison on a synthetic nnU-Net results + preprocessed layout."""
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import SimpleITK as sitk
+import torch
+from scipy import stats
+
+from nnunetv2_llm.compare import CSV_COLUMNS, CompareError, compare, training_curves
+
+DATASET = "Dataset004_Hippocampus"
+REF, LLM = "nnUNetTrainer", "nnUNetTrainerLLM"
+FOLDS = {0: ["hippocampus_001", "hippocampus_002", "hippocampus_003"], 1: ["hippocampus_004", "hippocampus_006"]}
+SPACING_XYZ = (0.8, 0.8, 2.0)  # SimpleITK order; numpy arrays are (z, y, x) -> spacing (2.0, 0.8, 0.8)
+SHAPE_ZYX = (10, 12, 12)
+DIAGONAL_MM = math.sqrt((10 * 2.0) ** 2 + 2 * (12 * 0.8) ** 2)
+DATASET_JSON = {"labels": {"background": 0, "Anterior": 1, "Posterior": 2}, "file_ending": ".nii.gz",
+                "channel_names": {"0": "MRI"}, "numTraining": 5}
+LOG = """2025-01-01 10:00:00.000000: Epoch {e} 
+2025-01-01 10:00:00.000000: Current learning rate: 0.01 
+2025-01-01 10:00:01.000000: train_loss {tr} 
+2025-01-01 10:00:01.000000: val_loss {va} 
+2025-01-01 10:00:01.000000: Pseudo dice [np.float32({d1}), np.float32({d2})] 
+2025-01-01 10:00:01.000000: Epoch time: 1.0 s 
+"""
+
+
+def ground_truth() -> np.ndarray:
+    a = np.zeros(SHAPE_ZYX, dtype=np.uint8)
+    a[2:6, 2:6, 2:6] = 1
+    a[2:6, 7:11, 7:11] = 2
+    return a
+
+
+def llm_prediction(case: str) -> np.ndarray:
+    """Anterior shifted by one slice (2 mm along z); Posterior missing in hippocampus_002."""
+    a = np.zeros(SHAPE_ZYX, dtype=np.uint8)
+    a[3:7, 2:6, 2:6] = 1
+    if case != "hippocampus_002":
+        a[2:6, 7:11, 7:11] = 2
+    return a
+
+
+def write(path: Path, arr: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing(SPACING_XYZ)
+    sitk.WriteImage(img, str(path))
+
+
+@pytest.fixture(scope="module")
+def layout(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("nnunet")
+    results, preprocessed = root / "results" / DATASET, root / "preprocessed" / DATASET
+    (root / "raw").mkdir()
+    all_cases = [c for cases in FOLDS.values() for c in cases] + ["hippocampus_005"]
+    for case in all_cases:
+        write(preprocessed / "gt_segmentations" / f"{case}.nii.gz", ground_truth())
+    (preprocessed / "dataset.json").write_text(json.dumps(DATASET_JSON))
+    for trainer in (REF, LLM):
+        tdir = results / f"{trainer}__nnUNetPlans__3d_fullres"
+        tdir.mkdir(parents=True)
+        (tdir / "dataset.json").write_text(json.dumps(DATASET_JSON))
+        for fold, cases in FOLDS.items():
+            for case in cases + (["hippocampus_005"] if fold == 1 and trainer == REF else []):
+                pred = ground_truth() if trainer == REF else llm_prediction(case)
+                write(tdir / f"fold_{fold}" / "validation" / f"{case}.nii.gz", pred)
+    logging = {"train_losses": [0.5, 0.3, 0.1], "val_losses": [0.6, 0.4, 0.3], "mean_fg_dice": [0.2, 0.5, 0.7],
+               "ema_fg_dice": [0.2, 0.23, 0.277]}
+    torch.save({"logging": logging}, results / f"{REF}__nnUNetPlans__3d_fullres" / "fold_0" / "checkpoint_final.pth")
+    (results / f"{LLM}__nnUNetPlans__3d_fullres" / "fold_0" / "training_log_2025_1_1_10_00_00.txt").write_text(
+        LOG.format(e=0, tr=0.4, va=0.5, d1=0.6, d2=0.8) + LOG.format(e=1, tr=0.2, va=0.3, d1=0.7, d2=0.9)
+    )
+    return {"root": root, "results": root / "results", "preprocessed": root / "preprocessed"}
+
+
+@pytest.fixture(scope="module")
+def report(layout) -> Path:
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("raw", "results", "preprocessed"):
+            mp.setenv(f"nnUNet_{name}", str(layout["root"] / name))
+        return compare(4, "3d_fullres", [REF, LLM], [0, 1], layout["root"] / "out",
+                       results_root=layout["results"], preprocessed_root=layout["preprocessed"], workers=2)
+
+
+def test_csv_rows(report):
+    df = pd.read_csv(report.parent / "per_case_metrics.csv")
+    assert list(df.columns) == CSV_COLUMNS
+    assert len(df) == (6 + 5) * 2  # reference 6 cases, LLM 5 cases, 2 labels
+    ref = df[df.trainer == REF]
+    assert (ref.dice == 1).all() and (ref.nsd == 1).all() and (ref.hd95 == 0).all()
+    anterior = df[(df.trainer == LLM) & (df.label == 1)]
+    assert (anterior.label_name == "Anterior").all()
+    assert anterior.dice.to_numpy() == pytest.approx([0.75] * 5)
+    assert anterior.hd95.to_numpy() == pytest.approx([2.0] * 5)  # z spacing, so the axis order is right
+    assert anterior.nsd.to_numpy() == pytest.approx([40 / 56] * 5, abs=1e-6)
+    empty = df[(df.trainer == LLM) & (df.case == "hippocampus_002") & (df.label == 2)].iloc[0]
+    assert (empty.dice, empty.nsd, bool(empty.pred_empty), bool(empty.ref_empty)) == (0, 0, True, False)
+    assert empty.hd95 == pytest.approx(DIAGONAL_MM)
+    unpaired = df[df.case == "hippocampus_005"]
+    assert set(unpaired.trainer) == {REF} and not unpaired.paired.any()
+    assert df[df.case != "hippocampus_005"].paired.all()
+
+
+def test_report_numbers(report):
+    text = report.read_text()
+    assert "Folds: 0, 1; paired cases: 5 (fold 0: 3, fold 1: 2); NSD tolerance: 1 mm." in text
+    assert "- fold 1, `hippocampus_005`: no prediction from nnUNetTrainerLLM" in text
+    assert "| Anterior | Dice | 1.0000 ± 0.0000 | 0.7500 ± 0.0000 |" in text
+    assert "| Anterior | HD95 (mm) | 0.00 ± 0.00 | 2.00 ± 0.00 |" in text
+    assert "| Posterior | Dice | 1.0000 ± 0.0000 | 0.8000 ± 0.4472 |" in text  # one empty prediction in 5
+    p0 = stats.wilcoxon([-0.25] * 5).pvalue
+    holm0 = min(1.0, 6 * p0)  # smallest of 3 equal p-values in a family of 6 (3 others are 1)
+    assert (f"| {LLM} | Anterior | Dice | -0.2500 ± 0.0000 | [-0.2500, -0.2500] | {p0:.4g} | {holm0:.4g} | 0 / 5 / 0 |"
+            in text)
+    hd95_row = f"| {LLM} | Anterior | HD95 (mm) | 2.00 ± 0.00 | [2.00, 2.00] | {p0:.4g} | {holm0:.4g} | 0 / 5 / 0 |"
+    assert hd95_row in text
+    sd = np.std([0, -1, 0, 0, 0], ddof=1)
+    assert f"| {LLM} | Posterior | Dice | -0.2000 ± {sd:.4f} |" in text
+    assert "| 1 | 1 | 0 / 1 / 4 |" in text  # Posterior: only one non-zero difference -> p = 1
+    assert f"- `{REF}` fold 0: checkpoint_final.pth" in text
+    assert f"- `{LLM}` fold 0: training_log_*.txt" in text
+    assert f"- `{LLM}` fold 1: no checkpoint or training log found" in text
+
+
+def test_figures(report):
+    for name in ("paired_differences.png", "training_curves.png"):
+        data = (report.parent / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_training_curves_from_logs_and_checkpoint(layout):
+    ref_fold = layout["results"] / DATASET / f"{REF}__nnUNetPlans__3d_fullres" / "fold_0"
+    curves, source = training_curves(ref_fold)
+    assert source == "checkpoint_final.pth"
+    assert curves.pseudo_dice.tolist() == pytest.approx([0.2, 0.5, 0.7])
+
+    llm_fold = layout["results"] / DATASET / f"{LLM}__nnUNetPlans__3d_fullres" / "fold_0"
+    curves, _ = training_curves(llm_fold)
+    assert curves.epoch.tolist() == [0, 1]
+    assert curves.train_loss.tolist() == pytest.approx([0.4, 0.2])
+    assert curves.val_loss.tolist() == pytest.approx([0.5, 0.3])
+    assert curves.pseudo_dice.tolist() == pytest.approx([0.7, 0.8])
+    assert training_curves(llm_fold.parent / "fold_1") is None
+
+
+def test_resumed_log_overrides_epochs(tmp_path):
+    old, new = tmp_path / "training_log_2025_1_1_09_00_00.txt", tmp_path / "training_log_2025_1_1_10_00_00.txt"
+    old.write_text(LOG.format(e=0, tr=0.9, va=0.9, d1=0.1, d2=0.1) + LOG.format(e=1, tr=0.8, va=0.8, d1=0.2, d2=0.2))
+    new.write_text(LOG.format(e=1, tr=0.5, va=0.6, d1=0.3, d2=0.5))
+    os.utime(old, (1, 1))
+    curves, _ = training_curves(tmp_path)
+    assert curves.train_loss.tolist() == pytest.approx([0.9, 0.5])
+    assert curves.pseudo_dice.tolist() == pytest.approx([0.1, 0.4])
+
+
+def test_missing_fold_names_the_command(layout, tmp_path):
+    llm_fold2 = layout["results"] / DATASET / f"{LLM}__nnUNetPlans__3d_fullres" / "fold_2"
+    llm_fold2.mkdir()
+    (llm_fold2 / "checkpoint_final.pth").write_bytes(b"")
+    try:
+        with pytest.raises(CompareError) as info:
+            compare(DATASET, "3d_fullres", [REF, LLM], [0, 2], tmp_path, results_root=layout["results"],
+                    preprocessed_root=layout["preprocessed"], workers=1)
+    finally:
+        (llm_fold2 / "checkpoint_final.pth").unlink()
+        llm_fold2.rmdir()
+    lines = str(info.value).splitlines()
+    val_cmd = f"Run: nnUNetv2_train 4 3d_fullres 2 -tr {LLM} --val"
+    assert any(str(llm_fold2 / "validation") in ln and ln.endswith(val_cmd) for ln in lines)
+    assert any(ln.endswith(f"has not been trained. Run: nnUNetv2_train 4 3d_fullres 2 -tr {REF}") for ln in lines)
+    assert not (tmp_path / "report.md").exists()
+
+
+def test_needs_two_trainers(layout, tmp_path):
+    with pytest.raises(CompareError, match="two distinct trainers"):
+        compare(DATASET, "3d_fullres", [REF], [0], tmp_path, results_root=layout["results"],
+                preprocessed_root=layout["preprocessed"])

@@ -1,0 +1,97 @@
+"""Dice, NSD and HD95 against values computed by hand."""
+
+import math
+
+import numpy as np
+import pytest
+
+from nnunetv2_llm.metrics import binary_metrics, case_metrics, image_diagonal_mm
+
+
+def cube(shape, start, size, label=1):
+    a = np.zeros(shape, dtype=np.uint8)
+    a[tuple(slice(s, s + size) for s in start)] = label
+    return a
+
+
+# A 4x4x4 cube shifted by one voxel along axis 0. Its boundary has 56 voxels (64 minus the 2x2x2
+# core). From either cube to the other: 36 boundary voxels lie on the other boundary (distance 0),
+# the 4 core voxels of the overlapping end face are one in-plane voxel from the other boundary,
+# and the 16 voxels of the outer end face are one voxel along axis 0 away.
+REF = cube((10, 10, 10), (2, 2, 2), 4)
+SHIFTED = cube((10, 10, 10), (3, 2, 2), 4)
+
+
+def test_identical_masks():
+    m = binary_metrics(REF.astype(bool), REF.astype(bool), (1.0, 1.0, 1.0), 1.0)
+    assert m == {"dice": 1.0, "nsd": 1.0, "hd95": 0.0, "ref_empty": False, "pred_empty": False}
+
+
+def test_shifted_cube_isotropic():
+    (m,) = case_metrics(SHIFTED, REF, (1.0, 1.0, 1.0), [1], nsd_tolerance_mm=1.0)
+    assert m["dice"] == pytest.approx(2 * 48 / 128)  # overlap 3x4x4
+    assert m["hd95"] == pytest.approx(1.0)
+    assert m["nsd"] == pytest.approx(1.0)  # every distance is 0 or 1 mm
+
+
+def test_shifted_cube_anisotropic_spacing():
+    # spacing 3 mm along the shift axis: the 16 end-face distances become 3 mm, the 4 core ones stay 1 mm.
+    (m,) = case_metrics(SHIFTED, REF, (3.0, 1.0, 1.0), [1], nsd_tolerance_mm=1.0)
+    assert m["dice"] == pytest.approx(0.75)
+    assert m["hd95"] == pytest.approx(3.0)  # 95th percentile of 36x0, 4x1, 16x3
+    assert m["nsd"] == pytest.approx((36 + 4) / 56, abs=1e-6)
+    (m,) = case_metrics(SHIFTED, REF, (3.0, 1.0, 1.0), [1], nsd_tolerance_mm=0.5)
+    assert m["nsd"] == pytest.approx(36 / 56, abs=1e-6)
+    # the same arrays with the spacing along another axis: the shift axis is now 1 mm.
+    (m,) = case_metrics(SHIFTED, REF, (1.0, 1.0, 3.0), [1], nsd_tolerance_mm=1.0)
+    assert m["hd95"] == pytest.approx(1.0)
+
+
+def test_per_label_tolerance_mapping():
+    rows = case_metrics(SHIFTED, REF, (3.0, 1.0, 1.0), [1], nsd_tolerance_mm={1: 3.0})
+    assert rows[0]["nsd"] == pytest.approx(1.0)
+
+
+def test_disjoint_cubes_anisotropic():
+    # 2x2x2 cubes (all voxels on the boundary) 5 voxels apart along axis 0 with 3 mm spacing:
+    # per direction 4 distances of 4 slices (12 mm) and 4 of 5 slices (15 mm) -> HD95 15 mm.
+    ref = cube((10, 4, 4), (1, 1, 1), 2)
+    pred = cube((10, 4, 4), (6, 1, 1), 2)
+    (m,) = case_metrics(pred, ref, (3.0, 1.0, 1.0), [1])
+    assert m["dice"] == 0.0
+    assert m["nsd"] == 0.0
+    assert m["hd95"] == pytest.approx(15.0)
+
+
+def test_empty_reference():
+    empty = np.zeros_like(REF)
+    (m,) = case_metrics(REF, empty, (3.0, 1.0, 1.0), [1])
+    assert m == {"label": 1, "dice": 0.0, "nsd": 0.0, "hd95": pytest.approx(math.sqrt(30**2 + 10**2 + 10**2)),
+                 "ref_empty": True, "pred_empty": False}
+
+
+def test_empty_prediction():
+    (m,) = case_metrics(np.zeros_like(REF), REF, (2.0, 0.5, 0.5), [1])
+    assert (m["dice"], m["nsd"], m["ref_empty"], m["pred_empty"]) == (0.0, 0.0, False, True)
+    assert m["hd95"] == pytest.approx(image_diagonal_mm((10, 10, 10), (2.0, 0.5, 0.5))) == pytest.approx(math.sqrt(450))
+
+
+def test_both_empty_and_multilabel():
+    ref = REF + cube((10, 10, 10), (7, 7, 7), 2, label=2)
+    rows = case_metrics(ref, ref, (1.0, 1.0, 1.0), [1, 2, 3])
+    assert [r["label"] for r in rows] == [1, 2, 3]
+    assert all(r["dice"] == 1.0 and r["nsd"] == 1.0 and r["hd95"] == 0.0 for r in rows)
+    assert (rows[2]["ref_empty"], rows[2]["pred_empty"]) == (True, True)
+    assert not any(math.isnan(r[k]) for r in rows for k in ("dice", "nsd", "hd95"))
+
+
+def test_2d_and_shape_mismatch():
+    ref = np.zeros((6, 6), dtype=np.uint8)
+    ref[1:5, 1:3] = 1
+    pred = np.zeros_like(ref)
+    pred[1:5, 2:4] = 1
+    (m,) = case_metrics(pred, ref, (1.0, 2.0), [1])
+    assert m["dice"] == pytest.approx(0.5)
+    assert m["hd95"] == pytest.approx(2.0)  # shift of one column of 2 mm
+    with pytest.raises(ValueError):
+        case_metrics(pred, ref[:5], (1.0, 2.0), [1])

@@ -1,0 +1,71 @@
+"""Paired statistics against scipy and hand-computed values."""
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from nnunetv2_llm.statistics import (
+    METRICS,
+    bootstrap_ci,
+    count_outcomes,
+    holm,
+    mean_sd,
+    paired_comparison,
+    wilcoxon_p,
+)
+
+REFERENCE = np.array([0.80, 0.70, 0.90, 0.60, 0.75, 0.85, 0.65, 0.72])
+CANDIDATE = np.array([0.82, 0.69, 0.95, 0.66, 0.75, 0.90, 0.70, 0.7205])
+
+
+def test_mean_sd():
+    assert mean_sd([1.0, 2.0, 3.0, 4.0]) == pytest.approx((2.5, np.sqrt(5 / 3)))
+    assert mean_sd([0.3]) == (0.3, 0.0)
+    assert all(np.isnan(mean_sd([])))
+
+
+def test_holm_hand_example():
+    # sorted 0.01, 0.03, 0.04 -> 3*0.01, 2*0.03, max(0.06, 1*0.04)
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert holm([0.5, 0.4]) == pytest.approx([0.8, 0.8])  # 2*0.4=0.8, max(0.8, 0.5)
+    assert holm([0.9, 0.01]) == pytest.approx([0.9, 0.02])
+    out = holm([0.2, np.nan, 0.01])  # NaN is left out of the family (m = 2)
+    assert out[[0, 2]] == pytest.approx([0.2, 0.02]) and np.isnan(out[1])
+    assert holm([0.6, 0.7]) == pytest.approx([1.0, 1.0])  # capped at 1
+
+
+def test_wilcoxon_matches_scipy():
+    d = CANDIDATE - REFERENCE
+    assert wilcoxon_p(d) == pytest.approx(stats.wilcoxon(d).pvalue)
+    assert wilcoxon_p([0.1, 0.2, 0.3, 0.4, 0.5, 0.6]) == pytest.approx(2 / 2**6)  # exact: all positive
+    assert wilcoxon_p(np.zeros(5)) == 1.0
+    assert np.isnan(wilcoxon_p([]))
+
+
+def test_bootstrap_matches_scipy_and_is_reproducible():
+    expected = stats.bootstrap((CANDIDATE - REFERENCE,), np.mean, n_resamples=10_000, rng=0).confidence_interval
+    low, high = bootstrap_ci(CANDIDATE, REFERENCE)
+    assert (low, high) == pytest.approx((expected.low, expected.high))
+    assert low < np.mean(CANDIDATE - REFERENCE) < high
+    assert bootstrap_ci(CANDIDATE, REFERENCE) == (low, high)
+    assert bootstrap_ci([0.9, 0.8, 0.7], [0.8, 0.7, 0.6]) == pytest.approx((0.1, 0.1))  # constant difference
+    assert all(np.isnan(bootstrap_ci([0.9], [0.8])))
+
+
+def test_count_outcomes_direction_and_ties():
+    d = [0.01, -0.02, 0.0005, -0.0009, 0.3]
+    assert count_outcomes(d, METRICS["dice"]) == (2, 1, 2)
+    assert count_outcomes(d, METRICS["hd95"]) == (1, 1, 3)  # lower is better; |d| <= 0.01 mm is a tie
+    assert count_outcomes([-2.0, 1.0, 0.005], METRICS["hd95"]) == (1, 1, 1)
+
+
+def test_paired_comparison():
+    r = paired_comparison(CANDIDATE, REFERENCE, "dice")
+    d = CANDIDATE - REFERENCE
+    assert r.n == 8
+    assert r.mean_diff == pytest.approx(d.mean())
+    assert r.sd_diff == pytest.approx(d.std(ddof=1))
+    assert r.p_value == pytest.approx(stats.wilcoxon(d).pvalue)
+    assert (r.better, r.worse, r.tied) == (5, 1, 2)  # +0.0005 and 0 are ties
+    with pytest.raises(ValueError):
+        paired_comparison([1.0, 2.0], [1.0], "dice")
