@@ -1,57 +1,53 @@
-"""``nnunetv2_llm``: the package's command line (info, demo, and the comparison tools)."""
+"""``nnunetv2_llm``: the package's command line.
+
+Each sub-command lives in its own module, which defines ``add_arguments(parser)`` and ``main(args) -> int``;
+modules keep heavy imports (torch, nnU-Net) inside functions so that ``--help`` stays fast.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from nnunetv2_llm.errors import LLMSettingError
 from nnunetv2_llm.nnunet_commands import NnUNetCommandError
 
+COMMANDS = {
+    "info": ("nnunetv2_llm.info", "show the resolved LLM source and layer, and what is missing"),
+    "demo": ("nnunetv2_llm.demo", "plan, train a short budget and predict on the embedded Hippocampus subset"),
+    "compare": ("nnunetv2_llm.compare", "per-case metrics and paired statistics of trainers' validation outputs"),
+    "head-to-head": ("nnunetv2_llm.head_to_head", "train what is missing for each trainer and fold, then compare"),
+    "benchmark": ("nnunetv2_llm.benchmark", "measured cost of the LLM block: step time, inference, memory"),
+    "sweep-layers": ("nnunetv2_llm.sweep_layers", "train the LLM trainer for several layer indices and compare"),
+    "activation-maps": ("nnunetv2_llm.activation_maps", "bottleneck activations before/after the LLM block"),
+    "predict": ("nnunetv2_llm.predict_guard", "nnUNetv2_predict with input checks and no silent overwrite"),
+    "convert-datafile": ("nnunetv2_llm.convert_datafile", "MedVisionLlama data_file.txt -> nnU-Net raw dataset"),
+}
 
-def _cmd_info(args: argparse.Namespace) -> int:
-    from nnunetv2_llm.info import print_info
 
-    return print_info(args.llm_source, args.llm_layer, exports=args.exports)
-
-
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from nnunetv2_llm.demo import run_demo
-
-    run_demo(args.work_dir, args.trainer, args.device, args.fold)
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nnunetv2_llm", description=__doc__)
+def build_parser(commands: dict[str, tuple[str, str]] = COMMANDS) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nnunetv2_llm", description="nnU-Net v2 with a frozen LLM layer at the "
+                                                                      "bottleneck: tools around nnU-Net's commands.")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    info = sub.add_parser("info", help="show the resolved LLM source and layer, and what is missing")
-    info.add_argument("--exports", action="store_true", help="print the `export` lines a shell needs, nothing else")
-    info.add_argument("--llm-source", help="validate this LLM source (HF model folder or .gguf) instead of "
-                                           "$nnUNet_LLM_SOURCE / the embedded default")
-    info.add_argument("--llm-layer", help="validate this layer index (negative counts from the end)")
-    info.set_defaults(func=_cmd_info)
-
-    demo = sub.add_parser("demo", help="plan, train a short budget and predict on the embedded Hippocampus subset")
-    demo.add_argument("--work-dir", default="nnunetv2_llm_demo", help="folder for nnUNet_raw/preprocessed/results")
-    demo.add_argument("--trainer", default="nnUNetTrainerLLM_5epochs_10iters")
-    demo.add_argument("--device", default="cpu", choices=("cpu", "cuda", "mps"))
-    demo.add_argument("--fold", default="0")
-    demo.set_defaults(func=_cmd_demo)
+    for name, (module_name, help_text) in commands.items():
+        module = importlib.import_module(module_name)
+        command = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip())
+        module.add_arguments(command)
+        command.set_defaults(func=module.main)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    # Build only the requested sub-command's parser when one is named (fast, and robust to the others).
+    chosen = {argv[0]: COMMANDS[argv[0]]} if argv and argv[0] in COMMANDS else COMMANDS
+    args = build_parser(chosen).parse_args(argv)
     try:
         return args.func(args)
-    except LLMSettingError as e:
+    except (LLMSettingError, NnUNetCommandError) as e:
         print(f"nnunetv2_llm: error: {e}", file=sys.stderr)
-        return 2
-    except NnUNetCommandError as e:
-        print(f"nnunetv2_llm: error: {e}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(e, LLMSettingError) else 1
 
 
 if __name__ == "__main__":

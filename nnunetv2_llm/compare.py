@@ -372,15 +372,16 @@ def _report(
                 cells.append(f"{_fmt(metric, mean)} ± {_fmt(metric, sd)}")
             lines.append(f"| {name} | {METRIC_TITLES[metric]} | {' | '.join(cells)} |")
 
-    results = [
-        (t, name, metric, paired_comparison(g["candidate"].to_numpy(), g["reference"].to_numpy(), metric))
-        for t in trainers[1:]
-        for value, name in labels.items()
-        for metric in METRICS
-        for g in [diffs[(diffs["trainer"] == t) & (diffs["label"] == value) & (diffs["metric"] == metric)]]
-    ]
+    results = []
+    for t in trainers[1:]:
+        for value, name in labels.items():
+            for metric in METRICS:
+                g = diffs[(diffs["trainer"] == t) & (diffs["label"] == value) & (diffs["metric"] == metric)]
+                r = paired_comparison(g["candidate"].to_numpy(), g["reference"].to_numpy(), metric)
+                results.append((t, name, metric, r))
     p_holm = holm([r.p_value for *_, r in results])
     lines += ["", f"## Paired difference to `{ref}` (trainer - reference)", "",
+              f"Holm correction over the {len(results)} tests of this table.", "",
               "| Trainer | Class | Metric | Δ mean ± sd | 95% CI | Wilcoxon p | Holm p | better / worse / tied |",
               "|---|---|---|---|---|---|---|---|"]
     for (t, name, metric, r), ph in zip(results, p_holm):

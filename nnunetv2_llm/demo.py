@@ -7,6 +7,7 @@ so running it again resumes.
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from nnunetv2_llm.nnunet_commands import (
@@ -38,3 +39,15 @@ def run_demo(work_dir: str | Path, trainer: str, device: str, fold: str) -> Path
     for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer"):
         print(f"    export {name}='{env[name]}'")
     return predictions
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--work-dir", default="nnunetv2_llm_demo", help="folder for nnUNet_raw/preprocessed/results")
+    parser.add_argument("--trainer", default="nnUNetTrainerLLM_5epochs_10iters")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "mps"))
+    parser.add_argument("--fold", default="0")
+
+
+def main(args: argparse.Namespace) -> int:
+    run_demo(args.work_dir, args.trainer, args.device, args.fold)
+    return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 
 from nnunetv2_llm.environment import NNUNET_FOLDERS, TRAINERS_DIR, export_lines, ext_trainer_value
@@ -40,3 +41,14 @@ def print_info(llm_source: str | None = None, llm_layer: str | None = None, expo
     else:
         print("missing:     nothing")
     return 0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--exports", action="store_true", help="print the `export` lines a shell needs, nothing else")
+    parser.add_argument("--llm-source", help="validate this LLM source (HF model folder or .gguf) instead of "
+                                             "$nnUNet_LLM_SOURCE / the embedded default")
+    parser.add_argument("--llm-layer", help="validate this layer index (negative counts from the end)")
+
+
+def main(args: argparse.Namespace) -> int:
+    return print_info(args.llm_source, args.llm_layer, exports=args.exports)

@@ -12,7 +12,7 @@ import SimpleITK as sitk
 import torch
 from scipy import stats
 
-from nnunetv2_llm.compare import CSV_COLUMNS, CompareError, compare, training_curves
+from nnunetv2_llm.compare import CSV_COLUMNS, CompareError, _evaluate_case, compare, training_curves
 
 DATASET = "Dataset004_Hippocampus"
 REF, LLM = "nnUNetTrainer", "nnUNetTrainerLLM"
@@ -182,3 +182,23 @@ def test_needs_two_trainers(layout, tmp_path):
     with pytest.raises(CompareError, match="two distinct trainers"):
         compare(DATASET, "3d_fullres", [REF], [0], tmp_path, results_root=layout["results"],
                 preprocessed_root=layout["preprocessed"])
+
+
+def test_per_class_nsd_tolerance(layout, tmp_path):
+    report = compare(DATASET, "3d_fullres", [REF, LLM], [0], tmp_path, nsd_tolerance_mm={1: 2.0},
+                     results_root=layout["results"], preprocessed_root=layout["preprocessed"], workers=1)
+    text = report.read_text()
+    assert "NSD tolerance: Anterior 2 mm, Posterior 1 mm." in text
+    assert "| Anterior | NSD | 1.0000 ± 0.0000 | 1.0000 ± 0.0000 |" in text  # every distance <= 2 mm
+    assert "Holm correction over the 6 tests of this table." in text
+
+
+def test_ignore_label_voxels_do_not_count(tmp_path):
+    ref, pred = np.zeros(SHAPE_ZYX, dtype=np.uint8), np.zeros(SHAPE_ZYX, dtype=np.uint8)
+    ref[2:6, 2:6, 2:6] = 1
+    ref[2:6, 2:6, 6:8] = 3  # 'ignore'
+    pred[2:6, 2:6, 2:8] = 1  # label 1 spills into the ignored region only
+    write(tmp_path / "gt.nii.gz", ref)
+    write(tmp_path / "pred.nii.gz", pred)
+    (row,) = _evaluate_case((LLM, 0, "c", tmp_path / "pred.nii.gz", tmp_path / "gt.nii.gz", [1], 3, 1.0))
+    assert (row["dice"], row["nsd"], row["hd95"]) == (1.0, 1.0, 0.0)
