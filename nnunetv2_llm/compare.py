@@ -6,42 +6,30 @@ fold_<f>/validation/<case><file_ending>`` and the ground truth
 NSD and HD95 (``metrics``), pairs cases across trainers and writes to ``output_dir``:
 ``per_case_metrics.csv``, ``report.md`` (paired statistics from ``statistics`` against the first
 trainer), ``paired_differences.png`` and ``training_curves.png``.
+
+Also the ``nnunetv2_llm compare`` sub-command (``add_arguments``/``main``); heavy imports (torch,
+MONAI, nnU-Net, SimpleITK, scipy, seaborn) live inside functions so that ``--help`` stays fast.
 """
 
+from __future__ import annotations
+
+import argparse
 import json
 import os
 import re
+import sys
 from collections.abc import Mapping, Sequence
 from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import seaborn as sns
-import SimpleITK as sitk
-import torch
-from matplotlib.figure import Figure
-from nnunetv2 import paths as nnunet_paths
-from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-
-from nnunetv2_llm.metrics import DEFAULT_NSD_TOLERANCE_MM, case_metrics
-from nnunetv2_llm.statistics import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, METRICS, holm, mean_sd, paired_comparison
 
 CSV_COLUMNS = [
     "trainer", "fold", "case", "label", "label_name", "dice", "nsd", "hd95", "ref_empty", "pred_empty", "paired"
 ]
-METRIC_TITLES = {"dice": "Dice", "nsd": "NSD", "hd95": "HD95 (mm)"}
+METRIC_TITLES = {"dice": "Dice", "nsd": "NSD", "hd95": "HD95 (mm)"}  # the metrics of ``statistics.METRICS``
 CURVES = {"train_loss": "train loss", "val_loss": "validation loss", "pseudo_dice": "pseudo Dice (mean foreground)"}
-CONVENTIONS = (
-    "Metrics per case and class with the image spacing (MONAI). Empty masks: reference and prediction both empty "
-    "-> Dice 1, NSD 1, HD95 0; exactly one empty -> Dice 0, NSD 0, HD95 = image diagonal (mm). "
-    "Dice/NSD: higher is better; HD95: lower is better. "
-    f"Differences are trainer - reference; a case is tied when |difference| <= "
-    f"{METRICS['dice'].tie_tolerance:g} (Dice, NSD) or {METRICS['hd95'].tie_tolerance:g} mm (HD95). "
-    f"95% CI: paired BCa bootstrap of the mean difference ({BOOTSTRAP_RESAMPLES} resamples, seed {BOOTSTRAP_SEED}). "
-    "p: two-sided Wilcoxon signed-rank (all differences zero -> p = 1). "
-    "Holm: Holm-corrected over all tests of the paired-difference table."
-)
 
 
 class CompareError(Exception):
@@ -55,7 +43,7 @@ def compare(
     folds: Sequence[int],
     output_dir: Path,
     plans: str = "nnUNetPlans",
-    nsd_tolerance_mm: float | Mapping[int, float] = DEFAULT_NSD_TOLERANCE_MM,
+    nsd_tolerance_mm: float | Mapping[int, float] | None = None,
     results_root: Path | None = None,
     preprocessed_root: Path | None = None,
     workers: int = 2,
@@ -63,11 +51,18 @@ def compare(
     """Compare trainers on the validation cases of ``folds``; the first trainer is the reference.
 
     ``results_root``/``preprocessed_root`` default to nnU-Net's ``nnUNet_results``/``nnUNet_preprocessed``.
-    ``nsd_tolerance_mm`` is one value or ``{label value: mm}``. ``workers`` > 1 evaluates cases in a
+    ``nsd_tolerance_mm`` is one value or ``{label value: mm}`` (None: ``metrics.DEFAULT_NSD_TOLERANCE_MM``,
+    also for labels missing from the mapping). ``workers`` > 1 evaluates cases in a
     spawned process pool; each worker first imports torch/MONAI (several seconds), so it pays off
     only for many or large cases. Returns the path of ``report.md``.
     Raises ``CompareError`` when a trainer/fold has no validation output (naming the command to run).
     """
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    from nnunetv2_llm.metrics import DEFAULT_NSD_TOLERANCE_MM
+
+    if nsd_tolerance_mm is None:
+        nsd_tolerance_mm = DEFAULT_NSD_TOLERANCE_MM
     if len(trainers) < 2 or len(set(trainers)) != len(trainers):
         raise CompareError(f"give at least two distinct trainers (the first is the reference), got {list(trainers)}")
     try:
@@ -128,7 +123,47 @@ def training_curves(fold_dir: Path) -> tuple[pd.DataFrame, str] | None:
     return None
 
 
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-d", "--dataset", required=True, help="dataset id or name, e.g. 4 or Dataset004_Hippocampus")
+    parser.add_argument("-c", "--configuration", default="3d_fullres")
+    parser.add_argument("-tr", "--trainers", nargs="+", required=True,
+                        help="trainer class names; the first is the reference, e.g. nnUNetTrainer nnUNetTrainerLLM")
+    parser.add_argument("-f", "--folds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    parser.add_argument("-p", "--plans", default="nnUNetPlans")
+    parser.add_argument("--nsd-tolerance-mm", nargs="+", default=None, metavar="MM|LABEL=MM",
+                        help="NSD tolerance: one value in mm for every class, or LABEL=MM per label value "
+                             "(others 1.0); default 1.0")
+    parser.add_argument("-o", "--output-dir", type=Path, default=None,
+                        help="default: reports/compare_<dataset>_<configuration>")
+    parser.add_argument("--workers", type=int, default=2, help="processes for the metric computation")
+
+
+def main(args: argparse.Namespace) -> int:
+    output_dir = args.output_dir or Path("reports") / f"compare_{args.dataset}_{args.configuration}"
+    try:
+        report = compare(args.dataset, args.configuration, args.trainers, args.folds, output_dir, args.plans,
+                         _parse_tolerance(args.nsd_tolerance_mm), workers=args.workers)
+    except CompareError as e:
+        print(f"nnunetv2_llm compare: error: {e}", file=sys.stderr)
+        return 1
+    print(f"report: {report}")
+    return 0
+
+
+def _parse_tolerance(values: Sequence[str] | None) -> float | dict[int, float] | None:
+    if not values:
+        return None
+    if len(values) == 1 and "=" not in values[0]:
+        return float(values[0])
+    try:
+        return {int(label): float(mm) for label, mm in (v.split("=") for v in values)}
+    except ValueError:
+        raise CompareError(f"--nsd-tolerance-mm: give one number or LABEL=MM pairs, got {' '.join(values)}") from None
+
+
 def _root(given: Path | None, env: str) -> Path:
+    from nnunetv2 import paths as nnunet_paths
+
     if given is not None:
         return Path(given)
     try:
@@ -206,11 +241,15 @@ def _pair_cases(
 
 def _read(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
     """Array in numpy order (z, y, x) and spacing in the same order (SimpleITK reports x, y, z)."""
+    import SimpleITK as sitk
+
     image = sitk.ReadImage(str(path))
     return sitk.GetArrayFromImage(image), tuple(reversed(image.GetSpacing()))
 
 
 def _evaluate_case(task: tuple) -> list[dict]:
+    from nnunetv2_llm.metrics import case_metrics
+
     trainer, fold, case, pred_path, gt_path, labels, ignore_label, tolerance = task
     pred, pred_spacing = _read(pred_path)
     ref, spacing = _read(gt_path)
@@ -240,7 +279,7 @@ def _trainer_order(trainers: Sequence[str]):
 def _paired_differences(paired_df: pd.DataFrame, trainers: Sequence[str]) -> pd.DataFrame:
     """Long table ``trainer, fold, case, label, label_name, metric, candidate, reference, diff``."""
     key = ["fold", "case", "label", "label_name"]
-    melt = dict(value_vars=list(METRICS), var_name="metric")
+    melt = dict(value_vars=list(METRIC_TITLES), var_name="metric")
     ref = paired_df[paired_df["trainer"] == trainers[0]].melt(id_vars=key, value_name="reference", **melt)
     cand = paired_df[paired_df["trainer"] != trainers[0]]
     cand = cand.melt(id_vars=["trainer", *key], value_name="candidate", **melt)
@@ -250,6 +289,8 @@ def _paired_differences(paired_df: pd.DataFrame, trainers: Sequence[str]) -> pd.
 
 
 def _curves_from_checkpoint(path: Path) -> pd.DataFrame:
+    import torch
+
     log = torch.load(path, map_location="cpu", weights_only=False)["logging"]
     columns = {"train_loss": "train_losses", "val_loss": "val_losses", "pseudo_dice": "mean_fg_dice"}
     n = min(len(log[k]) for k in columns.values())
@@ -282,6 +323,11 @@ def _curves_from_logs(logs: Sequence[Path]) -> pd.DataFrame:
 
 
 def _plot_differences(diffs: pd.DataFrame, reference: str, path: Path) -> None:
+    import seaborn as sns
+    from matplotlib.figure import Figure
+
+    from nnunetv2_llm.statistics import METRICS
+
     fig = Figure(figsize=(5 * len(METRICS), 4.5), layout="constrained")
     for i, (ax, metric) in enumerate(zip(fig.subplots(1, len(METRICS)), METRICS)):
         d = diffs[diffs["metric"] == metric]
@@ -302,6 +348,9 @@ def _plot_curves(
     folds: Sequence[int],
     path: Path,
 ) -> None:
+    import seaborn as sns
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(5 * len(CURVES), 4.5), layout="constrained")
     axes = fig.subplots(1, len(CURVES))
     colors = dict(zip(trainers, sns.color_palette(n_colors=len(trainers))))
@@ -329,6 +378,8 @@ def _fmt_p(p: float) -> str:
 
 
 def _tolerance_text(tolerance: float | Mapping[int, float], labels: Mapping[int, str]) -> str:
+    from nnunetv2_llm.metrics import DEFAULT_NSD_TOLERANCE_MM
+
     if not isinstance(tolerance, Mapping):
         return f"{tolerance:g} mm"
     return ", ".join(f"{name} {tolerance.get(v, DEFAULT_NSD_TOLERANCE_MM):g} mm" for v, name in labels.items())
@@ -344,7 +395,18 @@ def _report(
     curves: Mapping[tuple[str, int], tuple[pd.DataFrame, str] | None],
     header: dict,
 ) -> str:
+    from nnunetv2_llm.statistics import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, METRICS, holm, mean_sd, paired_comparison
+
     ref, folds = trainers[0], header["folds"]
+    conventions = (
+        "metrics per case and class with the image spacing (MONAI). Empty masks: reference and prediction both "
+        "empty -> Dice 1, NSD 1, HD95 0; exactly one empty -> Dice 0, NSD 0, HD95 = image diagonal (mm). "
+        "Dice/NSD: higher is better; HD95: lower is better. Differences are trainer - reference; a case is tied "
+        f"when |difference| <= {METRICS['dice'].tie_tolerance:g} (Dice, NSD) or {METRICS['hd95'].tie_tolerance:g} mm "
+        f"(HD95). 95% CI: paired BCa bootstrap of the mean difference ({BOOTSTRAP_RESAMPLES} resamples, seed "
+        f"{BOOTSTRAP_SEED}). p: two-sided Wilcoxon signed-rank (all differences zero -> p = 1), Holm-corrected "
+        "over all tests of the paired-difference table. Means and differences use the paired cases only."
+    )
     per_fold = ", ".join(f"fold {f}: {sum(1 for pf, _ in paired if pf == f)}" for f in folds)
     lines = [
         f"# Trainer comparison: {header['name']}, {header['configuration']} ({header['plans']})",
@@ -354,7 +416,7 @@ def _report(
         f"Folds: {', '.join(map(str, folds))}; paired cases: {len(paired)} ({per_fold}); "
         f"NSD tolerance: {_tolerance_text(header['tolerance'], labels)}.",
         "",
-        f"Conventions: {CONVENTIONS}",
+        f"Conventions: {conventions}",
         "",
         "## Cases excluded from the paired analysis",
         "",

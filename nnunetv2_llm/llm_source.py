@@ -4,12 +4,15 @@ A source is either a local Hugging Face model folder (``config.json`` + ``*.safe
 or a ``.gguf`` file. Only the requested layer's tensors are read: safetensors through lazy ``safe_open``
 reads of the shards that hold them (found via ``model.safetensors.index.json``), GGUF through the
 ``gguf`` reader, de-quantising only that layer's blocks with transformers' own name mapping and tensor
-processors. Pickled weights (``.bin``/``.pth``) are refused, and no remote code is ever run: the config
-is read by transformers from local files only, for a whitelisted set of model types.
+processors. Pickled weights (``.bin``/``.pth``) are refused unless ``nnUNet_LLM_ALLOW_PICKLE=1``, and then
+read with ``torch.load(weights_only=True)``; no remote code is ever run: ``config.json`` is parsed here and
+handed to transformers' config class for a whitelisted model type (an ``auto_map`` to custom code is dropped).
+Every failure is an ``LLMSettingError`` naming the setting to fix.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import inspect
@@ -26,6 +29,8 @@ from nnunetv2_llm.errors import LLMSettingError
 
 ENV_SOURCE = "nnUNet_LLM_SOURCE"
 ENV_LAYER = "nnUNet_LLM_LAYER"
+ENV_ALLOW_PICKLE = "nnUNet_LLM_ALLOW_PICKLE"
+PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt", ".pkl")
 
 # Families whose single layer runs stand-alone here (tested on tiny random configs).
 DECODER_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma")
@@ -64,60 +69,111 @@ def resolve_source(value: str | os.PathLike | None = None) -> Path:
     return path.resolve()
 
 
+def pickle_allowed() -> bool:
+    """Whether the user opted in to pickled ``.bin``/``.pth`` weights (``nnUNet_LLM_ALLOW_PICKLE=1``)."""
+    return os.environ.get(ENV_ALLOW_PICKLE, "").strip().lower() in ("1", "true", "yes")
+
+
+def _pickled_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in PICKLE_SUFFIXES)
+
+
 def source_format(source: Path) -> str:
-    """'gguf' or 'safetensors'; anything else is refused with a message saying what is expected."""
+    """'gguf', 'safetensors' or (only with ``nnUNet_LLM_ALLOW_PICKLE=1``) 'pickle'; anything else is refused
+    with a message saying what is expected."""
     if source.is_file():
         if source.suffix.lower() == ".gguf":
             return "gguf"
-        if source.suffix.lower() in (".bin", ".pth", ".pt", ".ckpt", ".pkl"):
+        if source.suffix.lower() in PICKLE_SUFFIXES:
             raise LLMSettingError(
                 f"'{source}' is a pickled checkpoint; pickles can run code when loaded and are refused. "
-                "Convert it to safetensors (or use a GGUF file)",
+                "Point to a .gguf file or a Hugging Face model folder with *.safetensors weights"
+                + (" (with nnUNet_LLM_ALLOW_PICKLE=1, the model folder holding config.json and this file)"
+                   if pickle_allowed() else ""),
                 ENV_SOURCE,
             )
         raise LLMSettingError(
             f"'{source}' is not a model: expected a .gguf file or a Hugging Face model folder", ENV_SOURCE
         )
+    if not source.is_dir():
+        raise LLMSettingError(f"'{source}' is neither a file nor a folder", ENV_SOURCE)
     if not (source / "config.json").is_file():
         raise LLMSettingError(
             f"'{source}' is not a Hugging Face model folder: no config.json in it", ENV_SOURCE
         )
-    if not list(source.glob("*.safetensors")):
-        pickled = [p.name for p in source.iterdir() if p.suffix in (".bin", ".pth", ".pt")]
-        detail = f" (it holds pickled weights {pickled[:3]}, which are refused)" if pickled else ""
+    if list(source.glob("*.safetensors")):
+        return "safetensors"
+    pickled = _pickled_files(source)
+    if pickled and pickle_allowed():
+        return "pickle"
+    if pickled:
         raise LLMSettingError(
-            f"'{source}' has no *.safetensors weights{detail}; convert the model to safetensors",
+            f"'{source}' holds only pickled weights ({', '.join(p.name for p in pickled[:3])}), which can run code "
+            f"when loaded and are refused; convert the model to safetensors, or set {ENV_ALLOW_PICKLE}=1 to read "
+            "them with torch.load(weights_only=True) (tensors only, no code is run)",
             ENV_SOURCE,
         )
-    return "safetensors"
+    raise LLMSettingError(f"'{source}' has no *.safetensors weights; convert the model to safetensors", ENV_SOURCE)
 
 
 def load_config(source: Path):
-    """Read the model's ``PretrainedConfig`` from local files only, without running remote code."""
-    from transformers import AutoConfig
+    """Read the model's ``PretrainedConfig`` from local files only, without running remote code.
 
+    A folder's ``config.json`` is parsed here and handed to the config class of its (whitelisted)
+    ``model_type``; an ``auto_map`` entry pointing to custom code in the folder is dropped, never imported."""
     fmt = source_format(source)
     try:
         if fmt == "gguf":
-            config = AutoConfig.from_pretrained(source.parent, gguf_file=source.name, local_files_only=True)
+            from transformers import AutoConfig
+
+            architecture = _gguf_architecture(source)
+            with _gguf_speedups():
+                config = AutoConfig.from_pretrained(source.parent, gguf_file=source.name, local_files_only=True)
+            if config.model_type not in SUPPORTED_MODEL_TYPES:
+                raise LLMSettingError(
+                    f"GGUF architecture '{architecture}' of '{source}' is not supported; supported: "
+                    f"{', '.join(DECODER_MODEL_TYPES)}", ENV_SOURCE)
         else:
-            raw = json.loads((source / "config.json").read_text())
-            _check_model_type(raw.get("model_type"), source)
-            config = AutoConfig.from_pretrained(source, local_files_only=True)
+            from transformers import CONFIG_MAPPING
+
+            try:
+                raw = json.loads((source / "config.json").read_text())
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise LLMSettingError(f"'{source / 'config.json'}' is not a readable JSON config: {e}",
+                                      ENV_SOURCE) from None
+            if not isinstance(raw, dict):
+                raise LLMSettingError(f"'{source / 'config.json'}' is not a model config (not a JSON object)",
+                                      ENV_SOURCE)
+            custom = raw.pop("auto_map", None)
+            _check_model_type(raw.get("model_type"), source, custom_code=bool(custom))
+            config = CONFIG_MAPPING[raw["model_type"]].from_dict(raw)
     except LLMSettingError:
         raise
     except Exception as e:  # transformers/gguf raise many types for unreadable or unsupported files
-        raise LLMSettingError(f"could not read a model config from '{source}': {e}", ENV_SOURCE) from None
+        raise LLMSettingError(f"could not read a model config from '{source}': {_one_line(e)}", ENV_SOURCE) from None
     _check_model_type(config.model_type, source)
+    for attribute in ("auto_map", "trust_remote_code"):
+        if hasattr(config, attribute):
+            delattr(config, attribute)
     return config
 
 
-def _check_model_type(model_type: str | None, source: Path) -> None:
+def _check_model_type(model_type: str | None, source: Path, custom_code: bool = False) -> None:
     if model_type not in SUPPORTED_MODEL_TYPES:
+        detail = (" It declares custom model code (auto_map), which nnunetv2_llm never runs (no trust_remote_code)."
+                  if custom_code else "")
         raise LLMSettingError(
-            f"model type '{model_type}' of '{source}' is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}",
+            f"model type '{model_type}' of '{source}' is not supported; supported: "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)}.{detail}",
             ENV_SOURCE,
         )
+
+
+def _one_line(error: BaseException) -> str:
+    """An exception as one short line (library messages can span lines or carry ANSI codes)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error) or type(error).__name__)
+    text = " ".join(text.split())
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def resolve_layer_index(config, layer: int | str | None) -> int:
@@ -148,12 +204,16 @@ def layer_blueprint(config) -> LayerBlueprint:
     """Find the layer (and rotary embedding) classes by building the base model on the meta device."""
     from transformers import AutoModel
 
-    with torch.device("meta"):
-        model = AutoModel.from_config(config)
-    layer_list_name, stack = next(
-        (name, m) for name, m in model.named_modules()
-        if isinstance(m, nn.ModuleList) and len(m) == config.num_hidden_layers
-    )
+    try:
+        with torch.device("meta"):
+            model = AutoModel.from_config(config)
+        layer_list_name, stack = next(
+            (name, m) for name, m in model.named_modules()
+            if isinstance(m, nn.ModuleList) and len(m) == config.num_hidden_layers
+        )
+    except Exception as e:  # inconsistent config (e.g. heads not dividing the hidden size), no layer stack
+        raise LLMSettingError(f"the {config.model_type} config (hidden size {getattr(config, 'hidden_size', '?')}) "
+                              f"does not build a model: {_one_line(e)}", ENV_SOURCE) from None
     rotary = next((m for m in model.modules() if type(m).__name__.endswith("RotaryEmbedding")), None)
     return LayerBlueprint(type(stack[0]), type(rotary) if rotary is not None else None,
                           layer_list_name.split(".")[-1], model)
@@ -167,10 +227,16 @@ def instantiate_layer(blueprint: LayerBlueprint, config, index: int, device: str
 
 
 def read_layer_state_dict(source: Path, config, index: int, blueprint: LayerBlueprint) -> dict[str, torch.Tensor]:
-    """The state dict of layer ``index`` only, keys relative to the layer (e.g. ``self_attn.q_proj.weight``)."""
+    """The state dict of layer ``index`` only, keys relative to the layer (e.g. ``self_attn.q_proj.weight``).
+
+    Refuses (LLMSettingError) a layer whose tensors do not match the layer class or hold NaN/Inf: a corrupt
+    file must not reach training, where it would only show up as a NaN loss."""
     expected = set(instantiate_layer(blueprint, config, index, "meta").state_dict().keys())
-    if source_format(source) == "gguf":
+    fmt = source_format(source)
+    if fmt == "gguf":
         tensors = _read_gguf_layer(source, config, index, blueprint)
+    elif fmt == "pickle":
+        tensors = _read_pickle_layer(source, index, blueprint.layer_list_name)
     else:
         tensors = _read_safetensors_layer(source, index, blueprint.layer_list_name)
     missing, unexpected = expected - tensors.keys(), tensors.keys() - expected
@@ -180,13 +246,21 @@ def read_layer_state_dict(source: Path, config, index: int, blueprint: LayerBlue
             f"missing {sorted(missing)[:4]}, unexpected {sorted(unexpected)[:4]}",
             ENV_SOURCE,
         )
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise LLMSettingError(
+                f"layer {index} of '{source}' holds NaN/Inf values in '{key}': the weights file is corrupt", ENV_SOURCE)
     return tensors
+
+
+def _layer_key_pattern(list_name: str, index: int) -> re.Pattern:
+    return re.compile(rf"^(?:.*\.)?{list_name}\.{index}\.(.+)$")
 
 
 def _read_safetensors_layer(folder: Path, index: int, list_name: str) -> dict[str, torch.Tensor]:
     from safetensors import safe_open
 
-    pattern = re.compile(rf"^(?:.*\.)?{list_name}\.{index}\.(.+)$")
+    pattern = _layer_key_pattern(list_name, index)
     index_file = folder / "model.safetensors.index.json"
     try:
         if index_file.is_file():
@@ -203,14 +277,39 @@ def _read_safetensors_layer(folder: Path, index: int, list_name: str) -> dict[st
                 wanted.setdefault(shard, []).append((key, match.group(1)))
         tensors = {}
         for shard, keys in wanted.items():
-            with safe_open(folder / shard, framework="pt") as f:
+            shard_path = (folder / shard).resolve()
+            if shard_path.parent != folder.resolve():
+                raise LLMSettingError(f"'{index_file}' points outside the model folder ('{shard}')", ENV_SOURCE)
+            with safe_open(shard_path, framework="pt") as f:
                 for key, local in keys:
                     tensors[local] = f.get_tensor(key)
     except LLMSettingError:
         raise
     except Exception as e:  # truncated header, bad index, missing shard, ...
-        raise LLMSettingError(f"could not read layer {index} from '{folder}' (corrupt or incomplete safetensors?): {e}",
-                              ENV_SOURCE) from None
+        raise LLMSettingError(f"could not read layer {index} from '{folder}' (corrupt or incomplete safetensors?): "
+                              f"{_one_line(e)}", ENV_SOURCE) from None
+    return tensors
+
+
+def _read_pickle_layer(folder: Path, index: int, list_name: str) -> dict[str, torch.Tensor]:
+    """Opt-in (``nnUNet_LLM_ALLOW_PICKLE=1``): ``pytorch_model*.bin`` / ``*.pth`` shards read with
+    ``torch.load(weights_only=True)``, which unpickles tensors and plain containers only (no code)."""
+    pattern = _layer_key_pattern(list_name, index)
+    tensors = {}
+    try:
+        for shard in _pickled_files(folder):
+            state = torch.load(shard, map_location="cpu", weights_only=True, mmap=True)
+            if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+                state = state["state_dict"]
+            if not isinstance(state, dict):
+                continue
+            for key, value in state.items():
+                match = pattern.match(str(key))
+                if match and isinstance(value, torch.Tensor):
+                    tensors[match.group(1)] = value.clone()
+    except Exception as e:  # truncated zip, a pickle asking for globals weights_only refuses, ...
+        raise LLMSettingError(f"could not read layer {index} from the pickled weights in '{folder}' "
+                              f"(torch.load with weights_only=True): {_one_line(e)}", ENV_SOURCE) from None
     return tensors
 
 
@@ -222,23 +321,69 @@ def _gguf_reader(path: Path):
     return GGUFReader(str(path))
 
 
+@contextlib.contextmanager
+def _gguf_speedups():
+    """transformers' GGUF helpers rebuild gguf's tensor-name map for every module (about 400 times, 11 s for
+    SmolLM2) and parse the file again for the config: within this block both come from a cache."""
+    import gguf
+
+    original_map, original_reader = gguf.get_tensor_name_map, gguf.GGUFReader
+    cached_map = functools.lru_cache(maxsize=8)(original_map)
+
+    def reader(path, *args, **kwargs):
+        return _gguf_reader(Path(path)) if not args and not kwargs else original_reader(path, *args, **kwargs)
+
+    gguf.get_tensor_name_map, gguf.GGUFReader = cached_map, reader
+    try:
+        yield
+    finally:
+        gguf.get_tensor_name_map, gguf.GGUFReader = original_map, original_reader
+
+
+def _gguf_architecture(path: Path) -> str:
+    """``general.architecture`` of a GGUF file (LLMSettingError when the file is not a readable GGUF)."""
+    try:
+        reader = _gguf_reader(path)
+        field = reader.fields.get("general.architecture")
+        if field is None:
+            raise ValueError("no general.architecture field")
+        return str(field.contents())
+    except Exception as e:
+        raise LLMSettingError(f"'{path}' is not a readable GGUF file (truncated or corrupt?): {_one_line(e)}",
+                              ENV_SOURCE) from None
+
+
+def gguf_supported_types() -> set[str]:
+    """Tensor types gguf's numpy code can de-quantise (F32, F16 and the quantisations it implements)."""
+    from gguf import GGMLQuantizationType, quants
+
+    return {"F32", "F16"} | {t.name for t in GGMLQuantizationType if t in getattr(quants, "_type_traits", {})}
+
+
 def _read_gguf_layer(path: Path, config, index: int, blueprint: LayerBlueprint) -> dict[str, torch.Tensor]:
     import numpy as np
     from gguf import dequantize
     from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
 
+    architecture = _gguf_architecture(path)
+    reader = _gguf_reader(path)
+    prefix = f"blk.{index}."
+    layer_tensors = [t for t in reader.tensors if t.name.startswith(prefix)]
+    supported = gguf_supported_types()
+    for tensor in layer_tensors:
+        if tensor.tensor_type.name not in supported:
+            raise LLMSettingError(
+                f"tensor '{tensor.name}' of GGUF file '{path}' is stored as {tensor.tensor_type.name}, which cannot "
+                f"be de-quantised here; supported: {', '.join(sorted(supported))}. Use a GGUF with one of these "
+                "quantisations, or the model's safetensors folder", ENV_SOURCE)
     try:
-        reader = _gguf_reader(path)
-        architecture = reader.fields["general.architecture"].contents()
         parsed = {"config": config.to_dict()}
         processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=parsed["config"])
-        name_map = get_gguf_hf_weights_map(blueprint.meta_model, processor)
-        prefix = f"blk.{index}."
-        pattern = re.compile(rf"^(?:.*\.)?{blueprint.layer_list_name}\.{index}\.(.+)$")
+        with _gguf_speedups():
+            name_map = get_gguf_hf_weights_map(blueprint.meta_model, processor)
+        pattern = _layer_key_pattern(blueprint.layer_list_name, index)
         tensors = {}
-        for tensor in reader.tensors:
-            if not tensor.name.startswith(prefix):
-                continue
+        for tensor in layer_tensors:
             weights = dequantize(tensor.data, tensor.tensor_type)
             result = processor.process(weights=weights, name=tensor.name, tensor_key_mapping=name_map,
                                        parsed_parameters=parsed)
@@ -246,5 +391,6 @@ def _read_gguf_layer(path: Path, config, index: int, blueprint: LayerBlueprint) 
             if match:
                 tensors[match.group(1)] = torch.from_numpy(np.array(result.weights, dtype=np.float32))
     except Exception as e:  # unsupported quantisation, truncated file, unknown architecture
-        raise LLMSettingError(f"could not read layer {index} from GGUF file '{path}': {e}", ENV_SOURCE) from None
+        raise LLMSettingError(f"could not read layer {index} from GGUF file '{path}': {_one_line(e)}",
+                              ENV_SOURCE) from None
     return tensors

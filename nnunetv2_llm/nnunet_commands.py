@@ -41,11 +41,28 @@ def ensure_raw_from_msd(msd_folder: Path, dataset_id: int, env: dict[str, str]) 
     return dataset_folder(env["nnUNet_raw"], dataset_id)
 
 
+# nnU-Net's planners for its plans presets (ResEnc presets: nnU-Net Revisited).
+PLANNERS = {"nnUNetPlans": "ExperimentPlanner", "nnUNetResEncUNetMPlans": "nnUNetPlannerResEncM",
+            "nnUNetResEncUNetLPlans": "nnUNetPlannerResEncL", "nnUNetResEncUNetXLPlans": "nnUNetPlannerResEncXL"}
+
+
 def ensure_preprocessed(dataset_id: int, configuration: str, env: dict[str, str], plans: str = "nnUNetPlans") -> None:
-    pre = dataset_folder(env["nnUNet_preprocessed"], dataset_id)
-    if pre is None or not (pre / f"{plans}.json").is_file() or not (pre / f"{plans}_{configuration}").is_dir():
-        run(["nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", configuration,
+    if not is_preprocessed(dataset_folder(env["nnUNet_preprocessed"], dataset_id), configuration, plans):
+        planner = ["-pl", PLANNERS[plans]] if plans in PLANNERS else []
+        run(["nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", configuration, *planner,
              "--verify_dataset_integrity", "-np", "2"], env)
+
+
+def is_preprocessed(folder: Path | None, configuration: str, plans: str) -> bool:
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    if folder is None or not (folder / f"{plans}.json").is_file():
+        return False
+    try:
+        identifier = PlansManager(str(folder / f"{plans}.json")).get_configuration(configuration).data_identifier
+    except (KeyError, RuntimeError):  # configuration not planned (yet)
+        return False
+    return (folder / identifier).is_dir()
 
 
 def trainer_fold_dir(env: dict[str, str], dataset_id: int, configuration: str, trainer: str, fold: str,

@@ -8,18 +8,23 @@ weights come from the checkpoint. So prediction never needs the LLM source.
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from nnunetv2_llm.errors import LLMSettingError
+from nnunetv2_llm.errors import LLMSettingError, setting_names
 from nnunetv2_llm.llm_source import (
-    layer_blueprint, load_config, read_layer_state_dict, resolve_layer_index, resolve_source, source_format,
+    ENV_LAYER, ENV_SOURCE, layer_blueprint, load_config, read_layer_state_dict, resolve_layer_index, resolve_source,
+    source_format,
 )
 
 PLANS_KEY = "nnunetv2_llm"
 MIXERS = ("pretrained", "random", "identity")
+FROZEN_PREFIX = "bottleneck.mixer.layer."  # where the frozen layer's tensors sit in the network's state dict
+# Config entries that say where or with which version a config was read, not what the layer is.
+VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "_commit_hash", "auto_map", "trust_remote_code")
 
 
 @dataclass
@@ -52,16 +57,31 @@ class BottleneckSpec:
         """The transformers config object, rebuilt from the stored dict (no file access)."""
         from transformers import AutoConfig
 
-        config = AutoConfig.for_model(self.model_type, **{k: v for k, v in self.llm_config.items() if k != "model_type"})
+        config = AutoConfig.for_model(self.model_type, **{k: v for k, v in self.llm_config.items()
+                                                          if k != "model_type" and k not in VOLATILE_CONFIG_KEYS})
         config._attn_implementation = "sdpa"
         return config
 
     def identity_for_comparison(self) -> dict:
-        """What must match between a saved model folder and the current settings."""
+        """What must match between a saved model folder and the current settings, in JSON form (so that a spec
+        read back from plans.json compares equal to a fresh one: JSON turns integer dict keys into strings)."""
         d = asdict(self)
         d.pop("source")  # the same weights may live at another path on another machine
         d.pop("extra")
-        return d
+        d["llm_config"] = {k: v for k, v in d["llm_config"].items() if k not in VOLATILE_CONFIG_KEYS}
+        return json.loads(json.dumps(d, sort_keys=True, default=str))
+
+    def differences(self, other: "BottleneckSpec") -> list[str]:
+        """Readable differences to ``other`` (``name: self-value vs other-value``), empty when they match."""
+        mine, theirs = self.identity_for_comparison(), other.identity_for_comparison()
+        out = []
+        for key in sorted(mine.keys() | theirs.keys()):
+            if key == "llm_config":
+                a, b = mine.get(key, {}), theirs.get(key, {})
+                out += [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+            elif mine.get(key) != theirs.get(key):
+                out.append(f"{key}: {_short(mine.get(key))} vs {_short(theirs.get(key))}")
+        return out
 
     def to_plans(self, plans: dict) -> None:
         plans[PLANS_KEY] = asdict(self)
@@ -73,14 +93,34 @@ class BottleneckSpec:
                 "these plans carry no nnunetv2_llm block settings; the model folder was not trained with an "
                 "nnunetv2_llm trainer, or its plans.json was replaced", "the model folder's plans.json"
             )
-        return cls(**plans[PLANS_KEY])
+        block = plans[PLANS_KEY]
+        try:
+            return cls(**block)
+        except TypeError as e:  # a hand-edited or foreign block: missing or unknown fields
+            raise LLMSettingError(f"the plans' nnunetv2_llm block is malformed ({e}); was plans.json edited or written "
+                                  "by another version?", "the model folder's plans.json") from None
 
 
 def make_spec(mixer: str, source: str | None = None, layer: int | str | None = None, rank: int = 64,
-              lora_rank: int = 0, lora_alpha: int = 16, seed: int = 0) -> BottleneckSpec:
-    """Resolve and validate an LLM choice (reads the config and, for 'pretrained', the layer's checksum)."""
+              lora_rank: int = 0, lora_alpha: int = 16, seed: int = 0, source_setting: str = "--llm-source",
+              layer_setting: str = "--llm-layer") -> BottleneckSpec:
+    """Resolve and validate an LLM choice (reads the config and, for 'pretrained', the layer's checksum).
+
+    Errors name the environment variables (``nnUNet_LLM_SOURCE``/``nnUNet_LLM_LAYER``) when the value came from
+    there, and ``source_setting``/``layer_setting`` (default: the ``--llm-source``/``--llm-layer`` flags) when
+    it was passed in."""
     if mixer not in MIXERS:
         raise ValueError(f"mixer must be one of {MIXERS}")
+    aliases = {}
+    if source not in (None, ""):
+        aliases[ENV_SOURCE] = source_setting
+    if layer not in (None, ""):
+        aliases[ENV_LAYER] = layer_setting
+    with setting_names(**aliases):
+        return _make_spec(mixer, source, layer, rank, lora_rank, lora_alpha, seed)
+
+
+def _make_spec(mixer: str, source, layer, rank: int, lora_rank: int, lora_alpha: int, seed: int) -> BottleneckSpec:
     path = resolve_source(source)
     config = load_config(path)
     index = resolve_layer_index(config, layer)
@@ -106,5 +146,21 @@ def state_dict_sha256(state: dict[str, torch.Tensor], dtype: torch.dtype) -> str
     return digest.hexdigest()
 
 
+def frozen_layer_sha256(network_state: dict[str, torch.Tensor], dtype: torch.dtype | str,
+                        prefix: str = FROZEN_PREFIX) -> str:
+    """``state_dict_sha256`` of the frozen layer inside a network's (or checkpoint's) state dict: the tensors
+    under ``prefix``, without LoRA adapters, with peft's ``.base_layer`` renaming undone. Equals the spec's
+    ``layer_sha256`` when the frozen weights are bit-identical to the source's."""
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    layer = {k[len(prefix):].replace(".base_layer.", "."): v for k, v in network_state.items()
+             if k.startswith(prefix) and "lora_" not in k}
+    return state_dict_sha256(layer, dtype)
+
+
 def source_available(spec: BottleneckSpec) -> bool:
     return Path(spec.source).exists()
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."

@@ -1,5 +1,6 @@
 """End-to-end comparison on a synthetic nnU-Net results + preprocessed layout."""
 
+import argparse
 import json
 import math
 import os
@@ -12,7 +13,15 @@ import SimpleITK as sitk
 import torch
 from scipy import stats
 
-from nnunetv2_llm.compare import CSV_COLUMNS, CompareError, _evaluate_case, compare, training_curves
+from nnunetv2_llm.compare import (
+    CSV_COLUMNS,
+    CompareError,
+    _evaluate_case,
+    add_arguments,
+    compare,
+    main,
+    training_curves,
+)
 
 DATASET = "Dataset004_Hippocampus"
 REF, LLM = "nnUNetTrainer", "nnUNetTrainerLLM"
@@ -202,3 +211,16 @@ def test_ignore_label_voxels_do_not_count(tmp_path):
     write(tmp_path / "pred.nii.gz", pred)
     (row,) = _evaluate_case((LLM, 0, "c", tmp_path / "pred.nii.gz", tmp_path / "gt.nii.gz", [1], 3, 1.0))
     assert (row["dice"], row["nsd"], row["hd95"]) == (1.0, 1.0, 0.0)
+
+
+def test_command_line(layout, tmp_path, monkeypatch, capsys):
+    for name in ("raw", "results", "preprocessed"):
+        monkeypatch.setenv(f"nnUNet_{name}", str(layout["root"] / name))
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = ["-d", "4", "-tr", REF, LLM, "-f", "0", "-o", str(tmp_path / "out"), "--workers", "1",
+            "--nsd-tolerance-mm", "1=3"]
+    assert main(parser.parse_args(args)) == 0
+    assert "NSD tolerance: Anterior 3 mm, Posterior 1 mm." in (tmp_path / "out" / "report.md").read_text()
+    assert main(parser.parse_args(["-d", "4", "-tr", REF, LLM, "-f", "3", "-o", str(tmp_path / "x")])) == 1
+    assert f"Run: nnUNetv2_train 4 3d_fullres 3 -tr {LLM}" in capsys.readouterr().err

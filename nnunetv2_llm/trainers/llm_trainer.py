@@ -12,16 +12,21 @@ from torch import nn
 
 from nnunetv2_llm.errors import LLMSettingError, exit_on_setting_error
 from nnunetv2_llm.network import build_llm_unet
-from nnunetv2_llm.spec import PLANS_KEY, BottleneckSpec, make_spec
+from nnunetv2_llm.spec import FROZEN_PREFIX, PLANS_KEY, BottleneckSpec, make_spec
+from nnunetv2_llm.trainers.reliability import ReliabilityMixin
 
 
-class nnUNetTrainerLLM(nnUNetTrainer):
+class nnUNetTrainerLLM(ReliabilityMixin, nnUNetTrainer):
     """A frozen pre-trained LLM layer (``$nnUNet_LLM_SOURCE``, layer ``$nnUNet_LLM_LAYER``; default: the
-    last layer of the embedded SmolLM2-135M) at the bottleneck of nnU-Net's planned network."""
+    last layer of the embedded SmolLM2-135M) at the bottleneck of nnU-Net's planned network.
+
+    Reliability (atomic checkpoints every epoch, checked resume, NaN guard, SIGTERM, ``nnUNet_LLM_SEED``):
+    see ``nnunetv2_llm.trainers.reliability``."""
 
     llm_mixer = "pretrained"
     llm_rank = 64
     llm_lora_rank = 0
+    frozen_prefix = FROZEN_PREFIX
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -29,10 +34,12 @@ class nnUNetTrainerLLM(nnUNetTrainer):
         with exit_on_setting_error():
             spec = make_spec(self.llm_mixer, rank=self.llm_rank, lora_rank=self.llm_lora_rank)
             self._check_model_folder(spec)
+        self.llm_spec = spec
         spec.to_plans(self.plans_manager.plans)
         self.print_to_log_file(
             f"nnunetv2_llm: mixer={spec.mixer} source={spec.source} layer={spec.layer} "
-            f"({spec.model_type}, width {spec.width}, {spec.dtype}) rank={spec.rank} lora_rank={spec.lora_rank}",
+            f"({spec.model_type}, width {spec.width}, {spec.dtype}) rank={spec.rank} lora_rank={spec.lora_rank} "
+            f"layer_sha256={spec.layer_sha256 or '-'}",
             also_print_to_console=True)
 
     def _check_model_folder(self, spec: BottleneckSpec) -> None:
@@ -40,16 +47,23 @@ class nnUNetTrainerLLM(nnUNetTrainer):
         saved_plans = join(self.output_folder_base, "plans.json") if self.output_folder_base else None
         if not saved_plans or not isfile(saved_plans):
             return
-        saved = load_json(saved_plans).get(PLANS_KEY)
+        try:
+            saved = load_json(saved_plans).get(PLANS_KEY)
+        except (OSError, ValueError) as e:  # a truncated plans.json (nnU-Net rewrites it when training starts)
+            self.print_to_log_file(f"nnunetv2_llm: WARNING: {saved_plans} is unreadable ({e}); it is rewritten when "
+                                   "training starts, and a resumed checkpoint is still checked against the LLM layer")
+            return
         if saved is None:
             return
-        saved_spec = BottleneckSpec(**saved)
-        if saved_spec.identity_for_comparison() != spec.identity_for_comparison():
-            differing = sorted(k for k, v in spec.identity_for_comparison().items()
-                               if saved_spec.identity_for_comparison()[k] != v)
+        saved_spec = BottleneckSpec.from_plans({PLANS_KEY: saved})
+        differences = saved_spec.differences(spec)
+        if differences:
+            hidden = [d for d in differences if d.startswith("hidden_size:")]
+            what = (f"an LLM of hidden size {saved_spec.width}, the configured one has {spec.width}" if hidden
+                    else "another LLM setting")
             raise LLMSettingError(
-                f"the model folder {self.output_folder_base} was trained with another LLM setting "
-                f"(saved: source {saved_spec.source}, layer {saved_spec.layer}; differs in {differing}). "
+                f"the model folder {self.output_folder_base} was trained with {what} (saved: source "
+                f"{saved_spec.source}, layer {saved_spec.layer}; saved vs configured: {'; '.join(differences[:4])}). "
                 "Set the same source and layer, or use a new results folder",
                 "nnUNet_LLM_SOURCE / nnUNet_LLM_LAYER",
             )

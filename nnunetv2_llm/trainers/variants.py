@@ -3,7 +3,9 @@
 Names: ``{trainer}[_frac{P}][_{E}epochs][_{I}iters]``, e.g. ``nnUNetTrainerLLM_frac10_50epochs`` or
 ``nnUNetTrainerLLM_5epochs_25iters``. ``_Xiters`` sets iterations per epoch (nnU-Net: 250) and validation
 iterations to a fifth of that (nnU-Net: 50), for CPU-feasible budgets. nnU-Net's own epoch-only variants of
-the plain ``nnUNetTrainer`` (``nnUNetTrainer_5epochs`` ...) are used as they are, not redefined.
+the plain ``nnUNetTrainer`` (``nnUNetTrainer_5epochs`` ...) are used as they are, not redefined; the variants
+defined here (the baseline's ``nnUNetTrainer_5epochs_10iters`` too) carry ``ReliabilityMixin`` (checkpoint every
+epoch, atomic writes, checked resume, NaN guard), so every trainer of a comparison resumes the same way.
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2_llm.trainers.llm_trainer import (
     nnUNetTrainerLLM, nnUNetTrainerLLM_LoRA, nnUNetTrainerLLMNoLLM, nnUNetTrainerLLMRandom,
 )
+from nnunetv2_llm.trainers.reliability import ReliabilityMixin
 
 FAMILIES = (nnUNetTrainer, nnUNetTrainerLLM, nnUNetTrainerLLMNoLLM, nnUNetTrainerLLMRandom, nnUNetTrainerLLM_LoRA)
 FRACTIONS = (None, 10, 30)
-EPOCHS = (None, 1, 5, 10, 20, 50, 100)
+EPOCHS = (None, 1, 2, 3, 5, 10, 20, 50, 100)
 ITERATIONS = (None, 2, 10, 25, 50)
 SPLIT_SEED = 12345  # nnU-Net's own split seed
 
@@ -79,7 +82,10 @@ def _make_variants() -> dict[str, type]:
                     if family is nnUNetTrainer and percent is None and iterations is None:
                         continue  # nnU-Net ships these (nnUNetTrainer_5epochs, ...)
                     name = variant_name(family.__name__, percent, epochs, iterations)
-                    made[name] = type(name, (ExperimentVariantMixin, family), {
+                    # The baseline's variants get the same checkpointing, resume checks and NaN guard.
+                    bases = ((ExperimentVariantMixin, family) if issubclass(family, ReliabilityMixin)
+                             else (ExperimentVariantMixin, ReliabilityMixin, family))
+                    made[name] = type(name, bases, {
                         "__module__": __name__, "__qualname__": name, "variant_epochs": epochs,
                         "variant_iterations": iterations, "variant_percent": percent,
                         "__doc__": f"{family.__name__} with {name[len(family.__name__) + 1:]}.",

@@ -1,0 +1,766 @@
+"""``nnunetv2_llm benchmark``: what the LLM block costs next to nnU-Net, measured side by side in one process.
+
+For each trainer (built the way ``nnUNetv2_train`` builds it: plans and dataset.json from
+``$nnUNet_preprocessed``, trainer class found by nnU-Net's lookup, ``initialize()`` for network, optimizer and
+deep-supervision loss) it measures
+
+- the training step: ``trainer.train_step`` (forward, loss, backward, gradient clipping, optimizer step, nnU-Net's
+  autocast and GradScaler on CUDA) on real batches drawn once from nnU-Net's own data loader (augmentation
+  included) and cached, so data loading is not timed; trainers alternate step by step (order reversed every other
+  round) so that machine drift cancels; warm-up rounds are discarded; median, quartiles and paired ratios;
+- sliding-window inference: ``nnUNetPredictor.predict_sliding_window_return_logits`` (Gaussian weighting, test-time
+  mirroring as nnU-Net's defaults) on a few preprocessed validation cases, same cases for every trainer, alternated;
+- peak memory, each trainer in a fresh subprocess (the RSS high-water mark is per process): max RSS on CPU,
+  ``torch.cuda.max_memory_allocated`` on CUDA, over building the trainer and a few training steps;
+- trainable and frozen parameter counts, frozen bytes;
+- FLOPs of one training step (forward + backward, ``torch.utils.flop_counter``) for the whole network and for the
+  LLM block and its layer, and the floor: the layer's FLOPs at the device's measured matrix-multiply rate.
+
+Writes ``benchmark.json`` and ``benchmark.md`` to ``--output`` and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+DEFAULT_TRAINERS = ("nnUNetTrainer", "nnUNetTrainerLLM", "nnUNetTrainerLLMNoLLM")
+STEP_RATIO_TARGET = 1.05
+INFERENCE_RATIO_TARGET = 1.05
+FLOOR_FACTOR_TARGET = 1.5
+
+
+# ----------------------------------------------------------------------------------------------- command line
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-d", "--dataset", required=True, help="dataset id or name (DatasetXXX_Name)")
+    parser.add_argument("-c", "--configuration", default="3d_fullres")
+    parser.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier")
+    parser.add_argument("-f", "--fold", type=int, default=0, help="fold whose validation cases are used for inference")
+    parser.add_argument("-tr", "--trainers", nargs="+", default=list(DEFAULT_TRAINERS),
+                        help="trainer class names; ratios are to the first (default: %(default)s)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                        help="auto: cuda when available, else cpu")
+    parser.add_argument("--llm-source", default=None,
+                        help="sets nnUNet_LLM_SOURCE for the LLM trainers: a model folder, a .gguf file, or "
+                             "synthetic:llama-8b / synthetic:llama-1b (real layer shapes, random bf16 weights, "
+                             "written once to $nnUNet_LLM_SYNTHETIC_CACHE or the temp dir); default: as set, else "
+                             "the embedded SmolLM2-135M")
+    parser.add_argument("--llm-layer", default=None, help="sets nnUNet_LLM_LAYER (default: as set, else the last)")
+    parser.add_argument("--iterations", type=int, default=10, help="timed training steps per trainer")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed training steps per trainer first")
+    parser.add_argument("--batches", type=int, default=2, help="distinct real batches drawn and cycled through")
+    parser.add_argument("--synthetic-batches", action="store_true",
+                        help="random batches of the planned shape instead of nnU-Net's data loader")
+    parser.add_argument("--inference-cases", type=int, default=3,
+                        help="preprocessed validation cases per inference round (0: skip inference)")
+    parser.add_argument("--inference-repeats", type=int, default=3, help="timed inference rounds")
+    parser.add_argument("--no-mirroring", action="store_true", help="inference without test-time mirroring")
+    parser.add_argument("--memory-steps", type=int, default=2,
+                        help="training steps in each memory subprocess (0: skip the memory measurement)")
+    parser.add_argument("--no-flops", action="store_true", help="skip FLOP counting")
+    parser.add_argument("--compile", action="store_true",
+                        help="nnUNet_compile=true: nnU-Net's torch.compile path (CUDA only; nnU-Net's own default "
+                             "on CUDA). Without it nnUNet_compile=false")
+    parser.add_argument("--preprocessed", default=None, help="nnUNet_preprocessed folder (default: the variable)")
+    parser.add_argument("--output", default="nnunetv2_llm_benchmark", help="folder for benchmark.json/.md")
+
+
+def main(args: argparse.Namespace) -> int:
+    _prepare_environment(args)
+    results = run_benchmark(args)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "benchmark.json").write_text(json.dumps(results, indent=2))
+    markdown = to_markdown(results)
+    (out / "benchmark.md").write_text(markdown)
+    print("\n" + markdown)
+    print(f"written: {out / 'benchmark.json'}, {out / 'benchmark.md'}")
+    return 0
+
+
+def _prepare_environment(args: argparse.Namespace) -> None:
+    """Environment for nnU-Net and the LLM trainers; set before torch is imported (OpenMP reads it once)."""
+    from nnunetv2_llm.environment import ext_trainer_value
+    from nnunetv2_llm.errors import LLMSettingError
+    from nnunetv2_llm.synthetic_llm import resolve_synthetic
+
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ["nnUNet_extTrainer"] = ext_trainer_value()
+    if args.preprocessed:
+        os.environ["nnUNet_preprocessed"] = str(Path(args.preprocessed).resolve())
+    if not os.environ.get("nnUNet_preprocessed"):
+        raise LLMSettingError("no preprocessed data: set nnUNet_preprocessed or pass --preprocessed "
+                              "(`nnunetv2_llm demo` or nnUNetv2_plan_and_preprocess makes it)", "nnUNet_preprocessed")
+    # The trainers write logs into nnUNet_results/...; keep them out of the user's results.
+    os.environ["nnUNet_results"] = tempfile.mkdtemp(prefix="nnunetv2_llm_benchmark_results_")
+    # Batches are drawn once, in this process: no augmentation workers competing for the cores while timing.
+    os.environ["nnUNet_n_proc_DA"] = "0"
+    os.environ["nnUNet_compile"] = "true" if args.compile else "false"
+    if args.llm_source:
+        os.environ["nnUNet_LLM_SOURCE"] = resolve_synthetic(args.llm_source)
+    if args.llm_layer is not None:
+        os.environ["nnUNet_LLM_LAYER"] = str(args.llm_layer)
+    if args.iterations < 1:
+        raise LLMSettingError("--iterations must be at least 1", "--iterations")
+
+
+# ----------------------------------------------------------------------------------------------- building
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        from nnunetv2_llm.errors import LLMSettingError
+
+        raise LLMSettingError("--device cuda but torch sees no CUDA device", "--device")
+    return torch.device(name)
+
+
+def _configure_torch(device) -> None:
+    """What nnUNetv2_train does before training (run_training.py)."""
+    import multiprocessing
+
+    import torch
+    from torch.backends import cudnn
+
+    if device.type == "cpu":
+        torch.set_num_threads(multiprocessing.cpu_count())
+    else:
+        cudnn.deterministic = False
+        cudnn.benchmark = True
+
+
+def build_trainer(name: str, args: argparse.Namespace, device, quiet: bool = True):
+    """The trainer as ``nnUNetv2_train`` builds it, initialised (network, optimizer, loss)."""
+    import contextlib
+    import io
+
+    import torch
+    from nnunetv2.run.run_training import get_trainer_from_args
+
+    torch.manual_seed(0)  # the same U-Net initialisation for every trainer
+    sink = io.StringIO()
+    with contextlib.redirect_stdout(sink) if quiet else contextlib.nullcontext():
+        trainer = get_trainer_from_args(str(args.dataset), args.configuration, args.fold, name, args.plans,
+                                        device=device)
+        trainer.initialize()
+        trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()  # sets the inference mirror axes
+    trainer.set_deep_supervision_enabled(True)
+    trainer.network.train()
+    return trainer
+
+
+def unwrap(network):
+    """The plain module behind torch.compile / DDP wrappers."""
+    network = getattr(network, "module", network)
+    return getattr(network, "_orig_mod", network)
+
+
+def parameter_counts(network) -> dict:
+    net = unwrap(network)
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    frozen = [p for p in net.parameters() if not p.requires_grad]
+    block = getattr(net, "bottleneck", None)
+    mixer = getattr(block, "mixer", None) if block is not None else None
+    return {
+        "trainable": sum(p.numel() for p in trainable),
+        "frozen": sum(p.numel() for p in frozen),
+        "trainable_bytes": sum(p.numel() * p.element_size() for p in trainable),
+        "frozen_bytes": sum(p.numel() * p.element_size() for p in frozen),
+        "block_params": sum(p.numel() for p in block.parameters()) if block is not None else 0,
+        "llm_layer_params": sum(p.numel() for p in mixer.parameters()) if mixer is not None else 0,
+        "llm_layer_dtype": str(next(mixer.parameters()).dtype).removeprefix("torch.")
+        if mixer is not None and any(True for _ in mixer.parameters()) else None,
+    }
+
+
+def synthetic_batch(trainer) -> dict:
+    """A random batch of the planned shape: data (B, C, *patch) and deep-supervision targets."""
+    import numpy as np
+    import torch
+
+    patch = [int(s) for s in trainer.configuration_manager.patch_size]
+    batch_size = trainer.batch_size
+    data = torch.randn(batch_size, trainer.num_input_channels, *patch)
+    heads = trainer.label_manager.num_segmentation_heads
+    scales = trainer._get_deep_supervision_scales() if trainer.enable_deep_supervision else [[1] * len(patch)]
+    targets = []
+    for scale in scales:
+        shape = [int(np.round(p * s)) for p, s in zip(patch, scale)]
+        targets.append(torch.randint(0, heads, (batch_size, 1, *shape)).float())
+    return {"data": data, "target": targets if trainer.enable_deep_supervision else targets[0]}
+
+
+def draw_batches(trainer, n: int, synthetic: bool, device) -> list[dict]:
+    """``n`` training batches, drawn once: real ones from nnU-Net's loader (single-threaded), or random."""
+    import contextlib
+    import io
+
+    if synthetic:
+        batches = [synthetic_batch(trainer) for _ in range(n)]
+    else:
+        with contextlib.redirect_stdout(io.StringIO()):
+            loader, val_loader = trainer.get_dataloaders()
+        batches = [next(loader) for _ in range(n)]
+        for it in (loader, val_loader):
+            finish = getattr(it, "_finish", None)
+            if finish is not None:
+                finish()
+    if device.type == "cuda":  # nnU-Net's loader pins memory for CUDA
+        batches = [{k: ([t.pin_memory() for t in v] if isinstance(v, list) else v.pin_memory())
+                    if k in ("data", "target") else v for k, v in b.items()} for b in batches]
+    return batches
+
+
+# ----------------------------------------------------------------------------------------------- measuring
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _round_orders(names: list[str], rounds: int) -> list[list[str]]:
+    """Alternate trainers; reverse the order every other round so no trainer always runs first or last."""
+    return [list(names) if r % 2 == 0 else list(reversed(names)) for r in range(rounds)]
+
+
+def time_training(trainers: dict, batches: list[dict], warmup: int, iterations: int, device) -> dict:
+    """Per trainer: the timed ``train_step`` durations (seconds), alternating trainers step by step."""
+    times = {name: [] for name in trainers}
+    first = {}
+    losses = {name: [] for name in trainers}
+    errors = {}
+    for r, order in enumerate(_round_orders(list(trainers), warmup + iterations)):
+        batch = batches[r % len(batches)]
+        for name in order:
+            trainer = trainers[name]
+            _sync(device)
+            start = time.perf_counter()
+            try:
+                out = trainer.train_step(batch)
+            except Exception as e:  # e.g. torch.compile failing: fall back to eager, say so
+                if unwrap(trainer.network) is trainer.network:
+                    raise
+                errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+                print(f"  {name}: the compiled network failed ({errors[name]}); falling back to eager")
+                trainer.network = unwrap(trainer.network)
+                _sync(device)
+                start = time.perf_counter()
+                out = trainer.train_step(batch)
+            _sync(device)
+            elapsed = time.perf_counter() - start
+            if name not in first:
+                first[name] = elapsed
+            if r >= warmup:
+                times[name].append(elapsed)
+            losses[name].append(float(out["loss"]))
+        if r == warmup - 1 or r == warmup + iterations - 1 or (r >= warmup and (r - warmup) % 5 == 4):
+            done = max(0, r - warmup + 1)
+            print(f"  training round {r + 1}/{warmup + iterations} (timed {done})", flush=True)
+    return {"times": times, "first_step_s": first, "losses": losses, "compile_errors": errors}
+
+
+def inference_cases(trainer, n: int) -> dict:
+    """The first ``n`` validation cases of the fold (preprocessed), as float tensors (C, *shape)."""
+    import contextlib
+    import io
+
+    import numpy as np
+    import torch
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        _, val_keys = trainer.do_split()
+    keys = sorted(val_keys)[:n]
+    dataset = infer_dataset_class(trainer.preprocessed_dataset_folder)(trainer.preprocessed_dataset_folder, keys)
+    cases = {}
+    for key in keys:
+        data = dataset.load_case(key)[0]
+        cases[key] = torch.from_numpy(np.ascontiguousarray(np.asarray(data[:]), dtype=np.float32))
+    return cases
+
+
+def make_predictor(trainer, name: str, device, mirroring: bool):
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=mirroring,
+                                perform_everything_on_device=True, device=device, verbose=False, allow_tqdm=False)
+    predictor.manual_initialization(trainer.network, trainer.plans_manager, trainer.configuration_manager, None,
+                                    trainer.dataset_json, name, trainer.inference_allowed_mirroring_axes)
+    return predictor
+
+
+def time_inference(trainers: dict, cases: dict, repeats: int, device, mirroring: bool) -> dict:
+    """Per trainer: seconds per round (all cases), rounds alternating between trainers, one warm-up round."""
+    predictors = {name: make_predictor(t, name, device, mirroring) for name, t in trainers.items()}
+    times = {name: [] for name in trainers}
+    for t in trainers.values():
+        t.set_deep_supervision_enabled(False)
+    try:
+        for r, order in enumerate(_round_orders(list(trainers), 1 + repeats)):
+            for name in order:
+                predictor = predictors[name]
+                _sync(device)
+                start = time.perf_counter()
+                for data in cases.values():
+                    logits = predictor.predict_sliding_window_return_logits(data)
+                    assert logits.shape[1:] == data.shape[1:]
+                _sync(device)
+                if r > 0:
+                    times[name].append(time.perf_counter() - start)
+            print(f"  inference round {r + 1}/{1 + repeats}", flush=True)
+    finally:
+        for t in trainers.values():
+            t.set_deep_supervision_enabled(True)
+            t.network.train()
+    return times
+
+
+def count_flops(trainer, batch: dict, device) -> dict:
+    """FLOPs of one training step's forward + backward (no optimizer step), whole network and LLM block."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    net = unwrap(trainer.network)
+    net.train()
+    tokens = {}
+    hook = None
+    block = getattr(net, "bottleneck", None)
+    if block is not None:
+        hook = block.register_forward_hook(
+            lambda m, inp, out: tokens.__setitem__("shape", tuple(inp[0].shape)))
+    data = batch["data"].to(device)
+    target = [t.to(device) for t in batch["target"]] if isinstance(batch["target"], list) else batch["target"].to(device)
+    counter = FlopCounterMode(display=False)
+    trainer.optimizer.zero_grad(set_to_none=True)
+    try:
+        with counter:
+            with torch.autocast(device.type, enabled=True) if device.type == "cuda" else _null():
+                loss = trainer.loss(net(data), target)
+            loss.backward()
+    finally:
+        trainer.optimizer.zero_grad(set_to_none=True)
+        if hook is not None:
+            hook.remove()
+    per_module = {k: sum(v.values()) for k, v in counter.get_flop_counts().items()}
+    block_flops = max((v for k, v in per_module.items() if k.endswith(".bottleneck")), default=0)
+    # A parameter-free mixer (nn.Identity) returns its input tensor itself, which confuses the flop counter's
+    # module tracking in backward (later ops get attributed to it): it has no FLOPs of its own.
+    mixer = getattr(block, "mixer", None)
+    has_layer = mixer is not None and any(True for _ in mixer.parameters())
+    layer_flops = max((v for k, v in per_module.items() if k.endswith(".bottleneck.mixer")), default=0) \
+        if has_layer else 0
+    shape = tokens.get("shape")
+    n_tokens = 0
+    if shape is not None:
+        n_tokens = shape[0]
+        for s in shape[2:]:
+            n_tokens *= s
+    return {"total": int(counter.get_total_flops()), "block": int(block_flops), "llm_layer": int(layer_flops),
+            "bottleneck_shape": list(shape) if shape else None, "tokens_per_step": int(n_tokens)}
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def matmul_rate(device, dtype_name: str, m: int, k: int, n: int, seconds: float = 1.0) -> float:
+    """Measured FLOP/s of an (m x k) @ (k x n) product in ``dtype_name`` on ``device`` (median of repeats)."""
+    import statistics
+
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    a = torch.randn(m, k, device=device).to(dtype)
+    b = torch.randn(k, n, device=device).to(dtype)
+    for _ in range(3):
+        a @ b
+    _sync(device)
+    samples = []
+    budget_end = time.perf_counter() + seconds
+    while len(samples) < 5 or (time.perf_counter() < budget_end and len(samples) < 200):
+        _sync(device)
+        start = time.perf_counter()
+        a @ b
+        _sync(device)
+        samples.append(time.perf_counter() - start)
+    return 2.0 * m * k * n / statistics.median(samples)
+
+
+# ----------------------------------------------------------------------------------------------- memory (subprocess)
+def measure_memory(names: list[str], args: argparse.Namespace, device) -> dict:
+    """Peak memory of each trainer in a fresh process (same imports everywhere), building it and running steps."""
+    results = {}
+    for name in names:
+        request = {"trainer": name, "dataset": str(args.dataset), "configuration": args.configuration,
+                   "plans": args.plans, "fold": args.fold, "device": device.type, "steps": args.memory_steps}
+        proc = subprocess.run([sys.executable, "-m", "nnunetv2_llm.benchmark", "--memory-probe", json.dumps(request)],
+                              capture_output=True, text=True, env=os.environ.copy())
+        line = next((ln for ln in reversed(proc.stdout.splitlines()) if ln.startswith("MEMORY_PROBE ")), None)
+        if proc.returncode != 0 or line is None:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+            results[name] = {"error": f"probe exited {proc.returncode}: " + " | ".join(tail)}
+            print(f"  memory {name}: failed ({results[name]['error']})")
+            continue
+        results[name] = json.loads(line[len("MEMORY_PROBE "):])
+        print(f"  memory {name}: peak RSS {results[name]['peak_rss'] / 2 ** 20:.0f} MiB"
+              + (f", CUDA peak {results[name]['cuda_peak_allocated'] / 2 ** 20:.0f} MiB" if device.type == "cuda" else ""),
+              flush=True)
+    return results
+
+
+def _current_rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _peak_rss() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+
+
+def memory_probe(request: dict) -> dict:
+    """Runs in a fresh process: imports, then build + initialise the trainer, then ``steps`` training steps."""
+    import gc
+
+    import torch
+    import transformers  # noqa: F401  (the same imports for every trainer: compare weights, not code)
+    import transformers.models.llama.modeling_llama  # noqa: F401
+    from nnunetv2.run.run_training import get_trainer_from_args  # noqa: F401
+
+    import nnunetv2_llm.trainers  # noqa: F401
+
+    device = torch.device(request["device"])
+    _configure_torch(device)
+    if device.type == "cuda":
+        torch.cuda.init()
+        torch.zeros(1, device=device)
+        torch.cuda.reset_peak_memory_stats(device)
+    gc.collect()
+    rss_imports, peak_imports = _current_rss(), _peak_rss()
+    args = argparse.Namespace(dataset=request["dataset"], configuration=request["configuration"],
+                              plans=request["plans"], fold=request["fold"])
+    trainer = build_trainer(request["trainer"], args, device)
+    gc.collect()
+    rss_built = _current_rss()
+    cuda_built = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    batch = synthetic_batch(trainer)
+    for _ in range(request["steps"]):
+        trainer.train_step(batch)
+    _sync(device)
+    return {
+        "rss_after_imports": rss_imports, "peak_rss_imports": peak_imports, "rss_after_build": rss_built,
+        "peak_rss": _peak_rss(), "rss_end": _current_rss(),
+        "cuda_allocated_after_build": cuda_built,
+        "cuda_peak_allocated": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0,
+        "steps": request["steps"],
+    }
+
+
+# ----------------------------------------------------------------------------------------------- the run
+def _stats(values: list[float]) -> dict:
+    import numpy as np
+
+    if not values:
+        return {"median": None, "q25": None, "q75": None, "min": None, "max": None, "n": 0}
+    a = np.asarray(values, dtype=float)
+    return {"median": float(np.median(a)), "q25": float(np.percentile(a, 25)), "q75": float(np.percentile(a, 75)),
+            "min": float(a.min()), "max": float(a.max()), "n": int(a.size)}
+
+
+def _paired_ratio(a: list[float], b: list[float]) -> dict:
+    """Ratios of times measured in the same round (a[i] / b[i]): drift between rounds cancels."""
+    import numpy as np
+
+    if not a or not b:
+        return {"median": None, "q25": None, "q75": None}
+    r = np.asarray(a[:len(b)], dtype=float) / np.asarray(b[:len(a)], dtype=float)
+    return {"median": float(np.median(r)), "q25": float(np.percentile(r, 25)), "q75": float(np.percentile(r, 75))}
+
+
+def environment_info(device) -> dict:
+    import datetime
+    import platform
+    from importlib import metadata
+
+    import torch
+
+    def version(pkg):
+        try:
+            return metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            return None
+
+    info = {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "python": platform.python_version(), "platform": platform.platform(),
+        "torch": torch.__version__, "nnunetv2": version("nnunetv2"), "transformers": version("transformers"),
+        "dynamic_network_architectures": version("dynamic_network_architectures"),
+        "nnunetv2_llm": version("nnunetv2-llm"), "device": device.type,
+        "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
+    }
+    try:
+        model = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), None)
+        info["cpu"] = model
+    except OSError:
+        info["cpu"] = platform.processor()
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+        info["gpu_memory_total"] = torch.cuda.get_device_properties(device).total_memory
+    try:
+        repo = Path(__file__).resolve().parent.parent
+        info["git_commit"] = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
+                                            capture_output=True, text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        info["git_commit"] = None
+    return info
+
+
+def run_benchmark(args: argparse.Namespace) -> dict:
+    import torch
+
+    device = _device(args.device)
+    _configure_torch(device)
+    names = list(dict.fromkeys(args.trainers))
+    baseline = names[0]
+    env = environment_info(device)
+    print(f"benchmark: {', '.join(names)} on {device.type} ({env.get('gpu') or env.get('cpu')}), "
+          f"dataset {args.dataset} {args.configuration}", flush=True)
+
+    memory = {}
+    if args.memory_steps > 0:
+        print("memory (one fresh process per trainer):", flush=True)
+        memory = measure_memory(names, args, device)
+
+    print("building trainers:", flush=True)
+    trainers = {}
+    for name in names:
+        start = time.perf_counter()
+        trainers[name] = build_trainer(name, args, device)
+        print(f"  {name}: {time.perf_counter() - start:.1f} s", flush=True)
+    params = {name: parameter_counts(t.network) for name, t in trainers.items()}
+    first = trainers[baseline]
+    plan = {"patch_size": [int(s) for s in first.configuration_manager.patch_size], "batch_size": first.batch_size,
+            "network": first.configuration_manager.network_arch_class_name.split(".")[-1],
+            "features_per_stage": first.configuration_manager.network_arch_init_kwargs.get("features_per_stage"),
+            "dataset": first.plans_manager.dataset_name, "configuration": args.configuration}
+    llm = {}
+    for name, t in trainers.items():
+        spec = t.plans_manager.plans.get("nnunetv2_llm")
+        if spec:
+            llm[name] = {k: spec[k] for k in ("mixer", "source", "source_format", "layer", "model_type", "dtype", "rank")}
+            llm[name]["width"] = spec["llm_config"]["hidden_size"]
+
+    print(f"drawing {args.batches} {'synthetic' if args.synthetic_batches else 'real'} batches "
+          f"(batch {plan['batch_size']}, patch {plan['patch_size']})", flush=True)
+    batches = draw_batches(first, args.batches, args.synthetic_batches, device)
+
+    print(f"training steps: {args.warmup} warm-up + {args.iterations} timed per trainer, alternating", flush=True)
+    training = time_training(trainers, batches, args.warmup, args.iterations, device)
+
+    inference_times, case_info = {}, {}
+    if args.inference_cases > 0 and args.inference_repeats > 0:
+        cases = inference_cases(first, args.inference_cases)
+        case_info = {k: list(v.shape) for k, v in cases.items()}
+        print(f"inference: {len(cases)} cases x {args.inference_repeats} rounds (+1 warm-up), "
+              f"mirroring {'off' if args.no_mirroring else 'on'}", flush=True)
+        inference_times = time_inference(trainers, cases, args.inference_repeats, device, not args.no_mirroring)
+
+    flops, rates = {}, {}
+    if not args.no_flops:
+        print("counting FLOPs of one training step per trainer", flush=True)
+        flops = {name: count_flops(t, batches[0], device) for name, t in trainers.items()}
+        for name, p in params.items():
+            dtype = p["llm_layer_dtype"]
+            if dtype and dtype not in rates:
+                width = llm.get(name, {}).get("width", 1024)
+                tokens = max((f["tokens_per_step"] for f in flops.values()), default=1024) or 1024
+                inter = 4 * width
+                big = 8192 if device.type == "cuda" else 2048
+                rates[dtype] = {
+                    "layer_shape": [tokens, width, inter],
+                    "layer_shape_flops_per_s": matmul_rate(device, dtype, tokens, width, inter),
+                    "square": big, "square_flops_per_s": matmul_rate(device, dtype, big, big, big),
+                }
+                rates[dtype]["peak_flops_per_s"] = max(rates[dtype]["layer_shape_flops_per_s"],
+                                                       rates[dtype]["square_flops_per_s"])
+
+    for t in trainers.values():
+        t.network.eval()
+    results = assemble(names, baseline, env, plan, llm, params, training, inference_times, case_info, flops, rates,
+                       memory, args)
+    import shutil
+
+    shutil.rmtree(os.environ["nnUNet_results"], ignore_errors=True)
+    del trainers
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return results
+
+
+def assemble(names, baseline, env, plan, llm, params, training, inference_times, case_info, flops, rates, memory,
+             args) -> dict:
+    """All numbers, with ratios to the baseline computed from the medians stored beside them."""
+    step = {n: _stats(training["times"][n]) for n in names}
+    inf = {n: _stats(inference_times.get(n, [])) for n in names}
+    base_step = step[baseline]["median"]
+    base_inf = inf[baseline]["median"]
+    base_mem = memory.get(baseline, {})
+    per_trainer = {}
+    for n in names:
+        row = {
+            "step_s": step[n],
+            "step_ratio": step[n]["median"] / base_step if base_step else None,
+            "step_paired_ratio": _paired_ratio(training["times"][n], training["times"][baseline]),
+            "step_extra_s": step[n]["median"] - base_step if base_step is not None else None,
+            "first_step_s": training["first_step_s"].get(n),
+            "compile_error": training["compile_errors"].get(n),
+            "last_loss": training["losses"][n][-1] if training["losses"][n] else None,
+            "inference_s": inf[n],
+            "inference_ratio": (inf[n]["median"] / base_inf) if base_inf and inf[n]["median"] is not None else None,
+            "inference_paired_ratio": _paired_ratio(inference_times.get(n, []), inference_times.get(baseline, [])),
+            "params": params[n],
+            "llm": llm.get(n),
+        }
+        mem = memory.get(n)
+        if mem is not None:
+            row["memory"] = dict(mem)
+            if "error" not in mem and base_mem and "error" not in base_mem:
+                row["memory"]["peak_rss_overhead"] = mem["peak_rss"] - base_mem["peak_rss"]
+                row["memory"]["cuda_peak_overhead"] = mem["cuda_peak_allocated"] - base_mem["cuda_peak_allocated"]
+        f = flops.get(n)
+        if f is not None:
+            row["flops"] = dict(f)
+            base_total = flops[baseline]["total"]
+            row["flops"]["ratio"] = f["total"] / base_total if base_total else None
+            row["flops"]["layer_share_of_baseline"] = f["llm_layer"] / base_total if base_total else None
+            dtype = params[n]["llm_layer_dtype"]
+            if dtype in rates and f["llm_layer"]:
+                floor = f["llm_layer"] / rates[dtype]["peak_flops_per_s"]
+                row["floor_extra_s"] = floor
+                row["extra_over_floor"] = row["step_extra_s"] / floor if row["step_extra_s"] is not None else None
+        per_trainer[n] = row
+    return {"environment": env, "plan": plan, "baseline": baseline, "trainers": names,
+            "settings": {"iterations": args.iterations, "warmup": args.warmup, "batches": args.batches,
+                         "batch_source": "synthetic" if args.synthetic_batches else "nnU-Net data loader (cached)",
+                         "inference_cases": case_info, "inference_repeats": args.inference_repeats,
+                         "mirroring": not args.no_mirroring, "compile": bool(args.compile),
+                         "memory_steps": args.memory_steps},
+            "matmul_rates": rates, "results": per_trainer,
+            "targets": {"step_ratio": STEP_RATIO_TARGET, "inference_ratio": INFERENCE_RATIO_TARGET,
+                        "extra_over_floor": FLOOR_FACTOR_TARGET}}
+
+
+# ----------------------------------------------------------------------------------------------- report
+def _fmt(value, spec=".3f", none="-"):
+    return none if value is None else format(value, spec)
+
+
+def _mib(value):
+    return "-" if value is None else f"{value / 2 ** 20:.0f}"
+
+
+def to_markdown(results: dict) -> str:
+    env, plan, s = results["environment"], results["plan"], results["settings"]
+    device = env.get("gpu") or env.get("cpu") or env["device"]
+    lines = [
+        f"# nnunetv2_llm benchmark: {plan['dataset']} {plan['configuration']}",
+        "",
+        f"- date {env['date']}; device {env['device']} ({device}); torch {env['torch']} ({env['torch_threads']} "
+        f"threads), nnunetv2 {env['nnunetv2']}, transformers {env['transformers']}, Python {env['python']}"
+        + (f", CUDA {env.get('cuda')}" if env["device"] == "cuda" else "") + f"; commit {env.get('git_commit')}",
+        f"- plans: {plan['network']} {plan['features_per_stage']}, patch {plan['patch_size']}, batch {plan['batch_size']}",
+        f"- training: {s['warmup']} warm-up + {s['iterations']} timed steps per trainer, alternating (order reversed "
+        f"every other round); batches: {s['batch_source']}, {s['batches']} distinct; torch.compile "
+        f"{'on' if s['compile'] else 'off'}",
+        f"- inference: {len(s['inference_cases'])} cases {list(s['inference_cases'].values())[:3]}, "
+        f"{s['inference_repeats']} rounds, mirroring {'on' if s['mirroring'] else 'off'}",
+    ]
+    for name, info in ((n, r["llm"]) for n, r in results["results"].items() if r["llm"]):
+        lines.append(f"- {name}: mixer {info['mixer']}, {info['model_type']} layer {info['layer']} "
+                     f"(width {info['width']}, {info['dtype']}, {info['source_format']}) from {info['source']}")
+    lines += ["", "| trainer | step s (median [q25, q75]) | step ratio (paired) | inference s | inference ratio | "
+                  "peak mem MiB (+ over base) | trainable | frozen (MiB) | GFLOP/step | FLOP ratio |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in results["results"].items():
+        st, inf = r["step_s"], r["inference_s"]
+        mem = r.get("memory", {})
+        if "error" in mem:
+            mem_text = "failed"
+        elif mem:
+            key = "cuda_peak_allocated" if env["device"] == "cuda" else "peak_rss"
+            over = mem.get("cuda_peak_overhead" if env["device"] == "cuda" else "peak_rss_overhead")
+            mem_text = _mib(mem[key]) + (f" (+{_mib(over)})" if over is not None and name != results["baseline"] else "")
+        else:
+            mem_text = "-"
+        p = r["params"]
+        fl = r.get("flops", {})
+        lines.append(
+            f"| {name} | {_fmt(st['median'])} [{_fmt(st['q25'])}, {_fmt(st['q75'])}] | "
+            f"{_fmt(r['step_ratio'])} ({_fmt(r['step_paired_ratio']['median'])}) | {_fmt(inf['median'])} | "
+            f"{_fmt(r['inference_ratio'])} | {mem_text} | {p['trainable']:,} | {p['frozen']:,} "
+            f"({_mib(p['frozen_bytes'])}) | {_fmt(fl.get('total', None) and fl['total'] / 1e9, '.1f')} | "
+            f"{_fmt(fl.get('ratio'), '.4f')} |")
+    lines.append("")
+    for name, r in results["results"].items():
+        fl = r.get("flops")
+        if not fl or not fl.get("llm_layer"):
+            continue
+        dtype = r["params"]["llm_layer_dtype"]
+        rate = results["matmul_rates"].get(dtype, {})
+        lines.append(
+            f"- {name}: LLM block {fl['block'] / 1e9:.1f} GFLOP/step, of which the layer {fl['llm_layer'] / 1e9:.1f} "
+            f"({fl['tokens_per_step']} tokens/step, bottleneck {fl['bottleneck_shape']}); layer / baseline network "
+            f"FLOPs {fl['layer_share_of_baseline']:.4f}; floor = layer FLOPs at the measured {dtype} matmul rate "
+            f"({rate.get('peak_flops_per_s', 0) / 1e12:.2f} TFLOP/s) = {_fmt(r.get('floor_extra_s'), '.4f')} s; "
+            f"measured extra {_fmt(r['step_extra_s'], '.4f')} s = {_fmt(r.get('extra_over_floor'), '.2f')} x floor")
+        if r.get("compile_error"):
+            lines.append(f"- {name}: torch.compile failed, measured eager: {r['compile_error']}")
+    lines += ["", "Targets: step ratio <= %.2f, inference ratio <= %.2f, extra step time <= %.1f x floor (large "
+              "layers on GPU); peak memory overhead = frozen layer bytes + activations." % (
+                  STEP_RATIO_TARGET, INFERENCE_RATIO_TARGET, FLOOR_FACTOR_TARGET)]
+    verdicts = []
+    for name, r in results["results"].items():
+        if name == results["baseline"]:
+            continue
+        checks = []
+        if r["step_ratio"] is not None:
+            checks.append(f"step {r['step_ratio']:.3f} {'ok' if r['step_ratio'] <= STEP_RATIO_TARGET else 'OVER'}")
+        if r["inference_ratio"] is not None:
+            checks.append(f"inference {r['inference_ratio']:.3f} "
+                          f"{'ok' if r['inference_ratio'] <= INFERENCE_RATIO_TARGET else 'OVER'}")
+        if r.get("extra_over_floor") is not None:
+            checks.append(f"extra/floor {r['extra_over_floor']:.2f} "
+                          f"{'ok' if r['extra_over_floor'] <= FLOOR_FACTOR_TARGET else 'OVER'}")
+        verdicts.append(f"- {name}: " + ", ".join(checks))
+    lines += verdicts
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------- probe entry
+def _probe_entry(argv: list[str]) -> int:
+    if len(argv) != 2 or argv[0] != "--memory-probe":
+        print("usage: python -m nnunetv2_llm.benchmark --memory-probe JSON (internal)", file=sys.stderr)
+        return 2
+    result = memory_probe(json.loads(argv[1]))
+    print("MEMORY_PROBE " + json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_probe_entry(sys.argv[1:]))

@@ -1,0 +1,106 @@
+"""``nnunetv2_llm head-to-head``: run what is missing, then compare.
+
+Plans and preprocesses if needed, then trains every trainer on every fold through nnU-Net's own
+``nnUNetv2_train`` (a finished fold is never retrained; an interrupted one continues with ``--c``; a finished
+one without validation output gets ``--val``), then runs ``compare`` on nnU-Net's validation outputs.
+Uses the shell's ``nnUNet_raw``/``nnUNet_preprocessed``/``nnUNet_results``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Sequence
+
+from nnunetv2_llm.errors import LLMSettingError
+from nnunetv2_llm.nnunet_commands import dataset_folder, ensure_preprocessed, ensure_trained, trainer_fold_dir
+
+
+def nnunet_dataset_id(dataset: str | int) -> int:
+    """4, '4', '004' or 'Dataset004_Hippocampus' -> 4."""
+    text = str(dataset)
+    digits = text[len("Dataset"):len("Dataset") + 3] if text.startswith("Dataset") else text
+    if not digits.isdigit():
+        raise LLMSettingError(f"dataset '{dataset}' is neither an id nor a DatasetXXX_Name", "-d")
+    return int(digits)
+
+
+def require_nnunet_env() -> dict[str, str]:
+    from nnunetv2_llm.environment import NNUNET_FOLDERS, nnunet_env
+
+    env = nnunet_env()
+    missing = [name for name in NNUNET_FOLDERS if name not in env]
+    if missing:
+        raise LLMSettingError(f"{', '.join(missing)} not set: nnU-Net needs its data folders "
+                              "(see nnU-Net's setting_up_paths.md)", " ".join(f"export {m}=..." for m in missing))
+    return env
+
+
+def prepare_dataset(dataset_id: int, configuration: str, plans: str, env: dict[str, str]) -> None:
+    """Check the raw dataset, then plan and preprocess unless done."""
+    from nnunetv2_llm.dataset_checks import check_dataset_json_paths, check_raw_dataset
+
+    raw = dataset_folder(env["nnUNet_raw"], dataset_id)
+    if raw is None:
+        raise LLMSettingError(
+            f"no Dataset{dataset_id:03d}_* folder in nnUNet_raw ({env['nnUNet_raw']}): convert an MSD task with "
+            "`nnUNetv2_convert_MSD_dataset -i TaskXX_Name` or a MedVisionLlama folder with "
+            "`nnunetv2_llm convert-datafile`", "-d / nnUNet_raw")
+    check_raw_dataset(raw)
+    check_dataset_json_paths(raw)
+    ensure_preprocessed(dataset_id, configuration, env, plans)
+
+
+def train_all(dataset_id: int, configuration: str, trainers: Sequence[str], folds: Sequence[str],
+              env: dict[str, str], device: str, plans: str) -> None:
+    """Fold by fold, every trainer, skipping what is finished; shows what runs and what is left."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    jobs = [(fold, trainer) for fold in folds for trainer in trainers]
+    for i, (fold, trainer) in enumerate(jobs, 1):
+        fold_dir = trainer_fold_dir(env, dataset_id, configuration, trainer, fold, plans)
+        finished = fold_dir is not None and (fold_dir / "validation" / "summary.json").is_file()
+        left = ", ".join(f"{t} f{f}" for f, t in jobs[i:]) or "nothing"
+        state = "done, skipped" if finished else "resuming" if fold_dir and (fold_dir / "checkpoint_latest.pth").is_file() \
+            else "running"
+        console.rule(f"[bold]head-to-head {i}/{len(jobs)}: {trainer} fold {fold} ({state})[/] — left: {left}")
+        if not finished:
+            ensure_trained(dataset_id, configuration, trainer, fold, env, device, plans)
+
+
+def head_to_head(dataset: str | int, configuration: str, trainers: Sequence[str], folds: Sequence[int],
+                 output_dir: Path, device: str = "cuda", plans: str = "nnUNetPlans") -> Path:
+    """Train what is missing, then write the comparison report; returns the path of report.md."""
+    from nnunetv2_llm.compare import compare
+
+    env = require_nnunet_env()
+    dataset_id = nnunet_dataset_id(dataset)
+    prepare_dataset(dataset_id, configuration, plans, env)
+    train_all(dataset_id, configuration, trainers, [str(f) for f in folds], env, device, plans)
+    return compare(dataset_folder(env["nnUNet_raw"], dataset_id).name, configuration, trainers, folds, output_dir,
+                   plans, results_root=Path(env["nnUNet_results"]), preprocessed_root=Path(env["nnUNet_preprocessed"]))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-d", "--dataset", required=True, help="dataset id or name, e.g. 4")
+    parser.add_argument("-c", "--configuration", default="3d_fullres")
+    parser.add_argument("-tr", "--trainers", nargs="+", required=True,
+                        help="the first is the reference, e.g. nnUNetTrainer_20epochs nnUNetTrainerLLM_20epochs "
+                             "nnUNetTrainerLLMNoLLM_20epochs")
+    parser.add_argument("-f", "--folds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    parser.add_argument("-p", "--plans", default="nnUNetPlans")
+    parser.add_argument("-o", "--output-dir", type=Path, required=True)
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu", "mps"))
+
+
+def main(args: argparse.Namespace) -> int:
+    from nnunetv2_llm.compare import CompareError
+
+    try:
+        report = head_to_head(args.dataset, args.configuration, args.trainers, args.folds, args.output_dir,
+                              args.device, args.plans)
+    except CompareError as e:
+        raise LLMSettingError(str(e)) from None
+    print(f"report: {report}")
+    return 0

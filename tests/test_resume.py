@@ -1,0 +1,146 @@
+"""Kill ``nnUNetv2_train`` mid-epoch (SIGTERM, then SIGKILL) and resume with ``--c``: the real commands on the
+embedded Hippocampus subset, with a tiny LLM source so that a run takes seconds.
+
+One chain of three runs of ``nnUNetTrainerLLM_LoRA_3epochs_2iters`` (3 epochs of 2 iterations, LoRA adapters on
+the frozen layer), built once for the module:
+  run 1: SIGTERM to the trainer during epoch 1;   run 2: ``--c``, SIGKILL to its process group during epoch 2;
+  run 3: ``--c`` to the end (final validation included).
+After each kill the checkpoint on disk is copied; the next run logs checksums of what it loaded, which must equal
+the copy's: frozen layer (also equal to the source's layer), trainable weights (U-Net, projections, LoRA),
+optimizer state.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from reliability_helpers import fold_dir, loaded_fingerprints, no_traceback, run_command, train, train_env
+
+from nnunetv2_llm.spec import FROZEN_PREFIX, BottleneckSpec, frozen_layer_sha256, make_spec
+from nnunetv2_llm.trainers.reliability import load_checkpoint_file, state_fingerprints
+
+TRAINER = "nnUNetTrainerLLM_LoRA_3epochs_2iters"
+
+
+@pytest.fixture(scope="module")
+def chain(nnunet_workdir, tiny_llama, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("resume")
+    env = train_env(nnunet_workdir, tmp / "results", tiny_llama, layer="1")
+    folder = fold_dir(env, TRAINER)
+
+    first = train(TRAINER, env, kill_when=r": Epoch 1\s*$", sig=signal.SIGTERM, delay=0.3)
+    temporaries_1 = sorted(p.name for p in folder.glob("*.tmp-*"))
+    after_term = Path(shutil.copy(folder / "checkpoint_latest.pth", tmp / "after_sigterm.pth"))
+
+    second = train(TRAINER, env, "--c", kill_when=r": Epoch 2\s*$", sig=signal.SIGKILL, whole_group=True, delay=0.3)
+    readable_after_kill = {}
+    for path in sorted(folder.glob("*.pth")):
+        try:
+            load_checkpoint_file(path)
+            readable_after_kill[path.name] = True
+        except Exception:
+            readable_after_kill[path.name] = False
+    after_kill = Path(shutil.copy(folder / "checkpoint_latest.pth", tmp / "after_sigkill.pth"))
+
+    third = train(TRAINER, env, "--c")
+    return SimpleNamespace(env=env, folder=folder, first=first, second=second, third=third, after_term=after_term,
+                           after_kill=after_kill, temporaries_1=temporaries_1, readable_after_kill=readable_after_kill,
+                           source=tiny_llama, tmp=tmp)
+
+
+def test_sigterm_mid_epoch_ends_with_a_resume_hint(chain):
+    run = chain.first
+    assert run.killed and run.returncode == 128 + signal.SIGTERM, run.output[-2000:]
+    assert "interrupted by SIGTERM during epoch 1" in run.output
+    assert "checkpoint_latest.pth holds the state after epoch 0" in run.output
+    assert "--c to continue from epoch 1" in run.output
+    assert no_traceback(run.output)
+    assert chain.temporaries_1 == []
+    assert load_checkpoint_file(chain.after_term)["current_epoch"] == 1
+
+
+def test_sigkill_mid_epoch_leaves_only_complete_checkpoints(chain):
+    run = chain.second
+    assert run.killed and run.returncode == -signal.SIGKILL, run.output[-2000:]
+    assert chain.readable_after_kill and all(chain.readable_after_kill.values()), chain.readable_after_kill
+    assert load_checkpoint_file(chain.after_kill)["current_epoch"] == 2
+
+
+def test_resume_restores_the_saved_state_exactly(chain):
+    spec = BottleneckSpec.from_plans(__import__("json").loads((chain.folder.parent / "plans.json").read_text()))
+    for run, saved in ((chain.second, chain.after_term), (chain.third, chain.after_kill)):
+        checkpoint = load_checkpoint_file(saved)
+        expected = state_fingerprints(checkpoint["network_weights"], checkpoint["optimizer_state"],
+                                      checkpoint["grad_scaler_state"], spec.dtype, FROZEN_PREFIX)
+        logged = loaded_fingerprints(run.output)
+        assert logged["file"] == "checkpoint_latest.pth"
+        assert logged["epoch"] == str(checkpoint["current_epoch"])
+        for key, value in expected.items():
+            assert logged[key] == value, key
+        # the optimizer state is not empty: SGD momentum for every trainable tensor, LoRA adapters included
+        trainable = [k for k in checkpoint["network_weights"] if not k.startswith(FROZEN_PREFIX) or "lora_" in k]
+        assert len(checkpoint["optimizer_state"]["state"]) == len(trainable) - _buffers(checkpoint)
+        assert any("lora_" in k for k in trainable)
+
+
+def _buffers(checkpoint) -> int:
+    """State-dict entries that are not parameters (none in these networks; kept explicit)."""
+    return 0
+
+
+def test_frozen_layer_stays_bit_identical_to_the_source(chain):
+    source_sha = make_spec("pretrained", source=str(chain.source), layer=1).layer_sha256
+    spec = BottleneckSpec.from_plans(__import__("json").loads((chain.folder.parent / "plans.json").read_text()))
+    assert spec.layer_sha256 == source_sha
+    final = load_checkpoint_file(chain.folder / "checkpoint_final.pth")
+    for checkpoint in (load_checkpoint_file(chain.after_term), load_checkpoint_file(chain.after_kill), final):
+        assert frozen_layer_sha256(checkpoint["network_weights"], spec.dtype) == source_sha
+    assert loaded_fingerprints(chain.third.output)["frozen_layer"] == source_sha
+    # ... while the trainable parts did train between the kills
+    first, last = load_checkpoint_file(chain.after_term)["network_weights"], final["network_weights"]
+    for key in ("bottleneck.proj_in.down.weight",
+                "bottleneck.mixer.layer.self_attn.q_proj.lora_A.default.weight"):
+        assert not torch.equal(first[key], last[key]), key
+
+
+def test_epoch_counter_continues(chain):
+    assert ": Epoch 0" in chain.first.output
+    assert ": Epoch 1" in chain.second.output and ": Epoch 0" not in chain.second.output
+    assert ": Epoch 2" in chain.third.output
+    assert ": Epoch 0" not in chain.third.output and ": Epoch 1" not in chain.third.output
+    assert chain.third.returncode == 0, chain.third.output[-3000:]
+    final = load_checkpoint_file(chain.folder / "checkpoint_final.pth")
+    assert final["current_epoch"] == 3
+    losses = final["logging"]["train_losses"]
+    assert len(losses) == 3 and np.isfinite(np.asarray(losses, dtype=float)).all()
+    assert not (chain.folder / "checkpoint_latest.pth").exists()  # nnU-Net removes it once final is written
+    assert (chain.folder / "validation" / "summary.json").is_file()
+
+
+def test_predict_guard_on_the_resumed_model(chain):
+    """``nnunetv2_llm predict`` runs nnUNetv2_predict, then refuses to overwrite its predictions silently."""
+    raw = Path(chain.env["nnUNet_raw"]) / "Dataset004_Hippocampus" / "imagesTs"
+    out = chain.tmp / "predictions"
+    args = ["nnunetv2_llm", "predict", "-i", str(raw), "-o", str(out), "-d", "4", "-c", "3d_fullres", "-f", "0",
+            "-tr", TRAINER, "-device", "cpu"]
+    first = run_command(args, chain.env)
+    assert first.returncode == 0, first.output[-3000:]
+    predictions = sorted(out.glob("*.nii.gz"))
+    assert len(predictions) == len(list(raw.glob("*_0000.nii.gz"))) >= 1
+    stamp = predictions[0].stat().st_mtime_ns
+
+    again = run_command(args, chain.env)
+    assert again.returncode == 2 and no_traceback(again.output)
+    assert "already holds" in again.output and "--overwrite" in again.output
+    assert predictions[0].stat().st_mtime_ns == stamp
+
+    resumed = run_command([*args, "--continue_prediction"], chain.env)
+    assert resumed.returncode == 0, resumed.output[-3000:]
+    assert predictions[0].stat().st_mtime_ns == stamp  # nnU-Net skipped the finished case
