@@ -364,8 +364,28 @@ def count_flops(trainer, batch: dict, device) -> dict:
         n_tokens = shape[0]
         for s in shape[2:]:
             n_tokens *= s
-    return {"total": int(counter.get_total_flops()), "block": int(block_flops), "llm_layer": int(layer_flops),
+    # The counter knows SDPA's CUDA kernels but not the CPU one: add attention analytically when it saw none.
+    layer_ops = next((v for k, v in counter.get_flop_counts().items() if k.endswith(".bottleneck.mixer")), {})
+    attention_counted = any("attention" in str(op) for op in layer_ops)
+    attention_added = 0
+    if has_layer and not attention_counted and shape is not None:
+        attention_added = attention_training_flops(mixer, shape[0], n_tokens // shape[0])
+    total = int(counter.get_total_flops()) + attention_added
+    return {"total": total, "block": int(block_flops) + attention_added,
+            "llm_layer": int(layer_flops) + attention_added, "attention_added_analytically": attention_added,
             "bottleneck_shape": list(shape) if shape else None, "tokens_per_step": int(n_tokens)}
+
+
+def attention_training_flops(mixer, batch: int, tokens: int) -> int:
+    """Attention matmuls of one layer in a training step: forward QK^T and AV (2 x 2 B N^2 H d), backward
+    twice that (gradients of inputs only: the weights are frozen)."""
+    config = getattr(getattr(mixer, "layer", None), "self_attn", None)
+    config = getattr(config, "config", None)
+    if config is None:
+        return 0
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return 3 * 4 * batch * tokens * tokens * heads * head_dim
 
 
 class _null:

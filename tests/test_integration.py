@@ -70,13 +70,13 @@ def test_predict_new_scan_has_input_geometry_and_valid_labels(trained, nnunet_wo
 
 def test_trainer_variants_are_found_by_nnunet_lookup(nnunet_workdir):
     code = ("from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name as f; "
-            "[print(f(n).__name__) for n in ('nnUNetTrainerLLM', 'nnUNetTrainerLLM_5epochs', "
+            "[print('FOUND', f(n).__name__) for n in ('nnUNetTrainerLLM', 'nnUNetTrainerLLM_5epochs', "
             "'nnUNetTrainerLLMNoLLM_50epochs', 'nnUNetTrainerLLMRandom', 'nnUNetTrainerLLM_LoRA', "
             "'nnUNetTrainer_frac10', 'nnUNetTrainerLLM_frac30_100epochs')]")
     result = subprocess.run([nnunet_command("python"), "-c", code], env={**os.environ, **nnunet_workdir},
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split()[-7:] == ["nnUNetTrainerLLM", "nnUNetTrainerLLM_5epochs",
+    assert [line.split()[1] for line in result.stdout.splitlines() if line.startswith("FOUND ")] == ["nnUNetTrainerLLM", "nnUNetTrainerLLM_5epochs",
                                           "nnUNetTrainerLLMNoLLM_50epochs", "nnUNetTrainerLLMRandom",
                                           "nnUNetTrainerLLM_LoRA", "nnUNetTrainer_frac10",
                                           "nnUNetTrainerLLM_frac30_100epochs"]

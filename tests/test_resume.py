@@ -21,7 +21,9 @@ import numpy as np
 import pytest
 import torch
 
-from reliability_helpers import fold_dir, loaded_fingerprints, no_traceback, run_command, train, train_env
+from reliability_helpers import (  # noqa: F401 (workdir is a fixture)
+    fold_dir, loaded_fingerprints, no_traceback, run_command, train, train_env, workdir,
+)
 
 from nnunetv2_llm.spec import FROZEN_PREFIX, BottleneckSpec, frozen_layer_sha256, make_spec
 from nnunetv2_llm.trainers.reliability import load_checkpoint_file, state_fingerprints
@@ -30,9 +32,9 @@ TRAINER = "nnUNetTrainerLLM_LoRA_3epochs_2iters"
 
 
 @pytest.fixture(scope="module")
-def chain(nnunet_workdir, tiny_llama, tmp_path_factory):
+def chain(workdir, tiny_llama, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("resume")
-    env = train_env(nnunet_workdir, tmp / "results", tiny_llama, layer="1")
+    env = train_env(workdir, tmp / "results", tiny_llama, layer="1")
     folder = fold_dir(env, TRAINER)
 
     first = train(TRAINER, env, kill_when=r": Epoch 1\s*$", sig=signal.SIGTERM, delay=0.3)
@@ -84,15 +86,19 @@ def test_resume_restores_the_saved_state_exactly(chain):
         assert logged["epoch"] == str(checkpoint["current_epoch"])
         for key, value in expected.items():
             assert logged[key] == value, key
-        # the optimizer state is not empty: SGD momentum for every trainable tensor, LoRA adapters included
-        trainable = [k for k in checkpoint["network_weights"] if not k.startswith(FROZEN_PREFIX) or "lora_" in k]
-        assert len(checkpoint["optimizer_state"]["state"]) == len(trainable) - _buffers(checkpoint)
-        assert any("lora_" in k for k in trainable)
-
-
-def _buffers(checkpoint) -> int:
-    """State-dict entries that are not parameters (none in these networks; kept explicit)."""
-    return 0
+        # The optimizer holds exactly the trainable tensors, and SGD momentum for the projections and LoRA
+        # adapters. Parameter i of the optimizer is the i-th distinct trainable tensor of the state dict (it names
+        # some tensors twice, e.g. decoder.encoder.* and all_modules.*).
+        weights, names, seen = checkpoint["network_weights"], [], set()
+        for key, value in weights.items():
+            if (not key.startswith(FROZEN_PREFIX) or "lora_" in key) and value.data_ptr() not in seen:
+                seen.add(value.data_ptr())
+                names.append(key)
+        optimizer = checkpoint["optimizer_state"]
+        assert optimizer["param_groups"][0]["params"] == list(range(len(names)))
+        with_momentum = {names[i] for i, state in optimizer["state"].items() if "momentum_buffer" in state}
+        block = {n for n in names if n.startswith("bottleneck.")}
+        assert any("lora_" in n for n in block) and block <= with_momentum
 
 
 def test_frozen_layer_stays_bit_identical_to_the_source(chain):
@@ -129,7 +135,7 @@ def test_predict_guard_on_the_resumed_model(chain):
     raw = Path(chain.env["nnUNet_raw"]) / "Dataset004_Hippocampus" / "imagesTs"
     out = chain.tmp / "predictions"
     args = ["nnunetv2_llm", "predict", "-i", str(raw), "-o", str(out), "-d", "4", "-c", "3d_fullres", "-f", "0",
-            "-tr", TRAINER, "-device", "cpu"]
+            "-tr", TRAINER, "-device", "cpu", "-npp", "1", "-nps", "1"]
     first = run_command(args, chain.env)
     assert first.returncode == 0, first.output[-3000:]
     predictions = sorted(out.glob("*.nii.gz"))

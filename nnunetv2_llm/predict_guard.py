@@ -1,0 +1,243 @@
+"""``nnunetv2_llm predict``: ``nnUNetv2_predict`` with its inputs and model checked first, and no silent overwrite.
+
+Takes nnUNetv2_predict's arguments (-i -o -d -c -f -tr -p -chk -device ...). Before nnU-Net starts:
+every input image is opened with SimpleITK (header, then data), so a broken or truncated file is named in one
+line instead of failing in a worker process; an output folder that already holds predictions is refused unless
+``--overwrite`` or ``--continue_prediction`` (only the missing cases) is given; the model folder, each fold's
+checkpoint and, for nnunetv2_llm trainers, the frozen LLM layer in each checkpoint are checked against the
+model folder's plans.json. Checkpoints are read here with ``torch.load(weights_only=True)``: a checkpoint that
+would need arbitrary unpickling is refused before nnU-Net (which unpickles fully) sees it.
+Exit codes: 0 done, 2 bad input or settings (one line on stderr), 1 nnUNetv2_predict failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+from nnunetv2_llm.errors import LLMSettingError
+
+KNOWN_ENDINGS = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr", ".tif", ".tiff", ".png", ".bmp", ".b2nd")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-i", required=True, help="input folder (CASE_0000.nii.gz, ... as for nnUNetv2_predict)")
+    parser.add_argument("-o", required=True, help="output folder; refused when it already holds predictions, "
+                                                  "unless --overwrite or --continue_prediction")
+    parser.add_argument("-d", required=True, help="dataset name or id")
+    parser.add_argument("-c", required=True, help="configuration, e.g. 3d_fullres")
+    parser.add_argument("-f", nargs="+", default=["0", "1", "2", "3", "4"], help="folds (default: 0 1 2 3 4)")
+    parser.add_argument("-tr", default="nnUNetTrainer", help="trainer class (default: nnUNetTrainer)")
+    parser.add_argument("-p", default="nnUNetPlans", help="plans identifier (default: nnUNetPlans)")
+    parser.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint name (default: checkpoint_final.pth)")
+    parser.add_argument("-device", default="cuda", choices=("cuda", "cpu", "mps"), help="default: cuda")
+    parser.add_argument("-npp", type=int, default=None, help="preprocessing processes (nnUNetv2_predict's -npp)")
+    parser.add_argument("-nps", type=int, default=None, help="export processes (nnUNetv2_predict's -nps)")
+    parser.add_argument("--disable_tta", action="store_true", help="no mirroring at test time")
+    parser.add_argument("--save_probabilities", action="store_true", help="also export probabilities")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--overwrite", action="store_true", help="replace predictions already in the output folder")
+    group.add_argument("--continue_prediction", action="store_true",
+                       help="keep predictions already in the output folder and predict only the missing cases")
+
+
+# ----------------------------------------------------------------------------------------------------- inputs
+def file_ending_of(folder: Path, model_folder: Path | None) -> str:
+    """The image file ending: the trained dataset's (model folder's dataset.json), else the inputs' own."""
+    if model_folder is not None and (model_folder / "dataset.json").is_file():
+        try:
+            return json.loads((model_folder / "dataset.json").read_text())["file_ending"]
+        except (OSError, ValueError, KeyError):
+            pass
+    names = [p.name for p in folder.iterdir() if p.is_file()]
+    for ending in KNOWN_ENDINGS:
+        if any(n.endswith(ending) for n in names):
+            return ending
+    return ".nii.gz"
+
+
+def check_image(path: Path) -> str | None:
+    """Why ``path`` is not a readable image (None when it is): SimpleITK reads the header, checks geometry, then
+    reads the voxels (a truncated gzip stream only fails there)."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as e:
+        return f"unreadable header ({_itk_reason(e)})"
+    size, spacing = reader.GetSize(), reader.GetSpacing()
+    if not size or any(s <= 0 for s in size):
+        return f"empty image (size {size})"
+    if any(not math.isfinite(s) or s <= 0 for s in spacing):
+        return f"invalid voxel spacing {spacing} in the header"
+    if any(not math.isfinite(v) for v in (*reader.GetOrigin(), *reader.GetDirection())):
+        return "non-finite origin or direction in the header"
+    try:
+        reader.Execute()
+    except RuntimeError as e:
+        return f"header is fine but the voxel data cannot be read (truncated file?): {_itk_reason(e)}"
+    return None
+
+
+def _itk_reason(error: Exception) -> str:
+    """ITK's exception text spans lines with file/line noise: keep its description."""
+    text = " ".join(str(error).split())
+    match = re.search(r"(?:Description|description):\s*(.*)", text)
+    text = match.group(1) if match else text
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def check_inputs(folder: Path, ending: str, num_channels: int | None) -> list[Path]:
+    if not folder.is_dir():
+        raise LLMSettingError(f"input folder '{folder}' does not exist", "-i")
+    images = sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(ending))
+    if not images:
+        raise LLMSettingError(f"input folder '{folder}' holds no *{ending} images", "-i")
+    pattern = re.compile(rf"^(.+)_(\d{{4}}){re.escape(ending)}$")
+    cases: dict[str, set[int]] = {}
+    for image in images:
+        match = pattern.match(image.name)
+        if not match:
+            raise LLMSettingError(f"input image '{image}' is not named CASE_XXXX{ending} (XXXX: channel, 0000 "
+                                  "for single-channel data) as nnU-Net expects", "-i")
+        cases.setdefault(match.group(1), set()).add(int(match.group(2)))
+    if num_channels is not None:
+        for case, channels in sorted(cases.items()):
+            if channels != set(range(num_channels)):
+                raise LLMSettingError(f"case '{case}' in '{folder}' has channels {sorted(channels)}, the model expects "
+                                      f"{list(range(num_channels))}", "-i")
+    for image in images:
+        problem = check_image(image)
+        if problem:
+            raise LLMSettingError(f"input image '{image}' cannot be used: {problem}", "-i")
+    return images
+
+
+def check_output(output: Path, inputs: Path, ending: str, overwrite: bool, continue_prediction: bool) -> None:
+    if output.resolve() == inputs.resolve():
+        raise LLMSettingError("the output folder is the input folder; predictions would be mixed with the images",
+                              "-o")
+    if output.exists() and not output.is_dir():
+        raise LLMSettingError(f"output '{output}' exists and is not a folder", "-o")
+    existing = sorted(p.name for p in output.glob(f"*{ending}")) if output.is_dir() else []
+    if existing and not (overwrite or continue_prediction):
+        shown = ", ".join(existing[:3]) + (", ..." if len(existing) > 3 else "")
+        raise LLMSettingError(f"output folder '{output}' already holds {len(existing)} prediction(s) ({shown}); "
+                              "pass --overwrite to replace them or --continue_prediction to predict only the "
+                              "missing cases", "-o")
+
+
+# ------------------------------------------------------------------------------------------------------ model
+def model_folder_of(dataset: str, trainer: str, plans: str, configuration: str) -> Path:
+    results = os.environ.get("nnUNet_results")
+    if not results:
+        raise LLMSettingError("nnUNet_results is not set: nnU-Net finds trained models there", "nnUNet_results")
+    if dataset.startswith("Dataset"):
+        name = dataset
+    else:
+        try:
+            number = int(dataset)
+        except ValueError:
+            raise LLMSettingError(f"dataset '{dataset}' is neither an id nor a DatasetXXX_Name", "-d") from None
+        found = sorted(Path(results).glob(f"Dataset{number:03d}_*"))
+        if not found:
+            raise LLMSettingError(f"no trained dataset {number} in nnUNet_results ({results})", "-d")
+        name = found[0].name
+    folder = Path(results) / name / f"{trainer}__{plans}__{configuration}"
+    if not folder.is_dir():
+        raise LLMSettingError(f"no trained model at '{folder}'", "-tr / -p / -c")
+    if not (folder / "plans.json").is_file() or not (folder / "dataset.json").is_file():
+        raise LLMSettingError(f"model folder '{folder}' lacks plans.json or dataset.json", "-tr / -p / -c")
+    return folder
+
+
+def check_model(folder: Path, folds: list[str], checkpoint_name: str) -> None:
+    """Each fold's checkpoint exists, is safely readable, and fits the plans' LLM block."""
+    from nnunetv2_llm.spec import FROZEN_PREFIX, PLANS_KEY, BottleneckSpec, frozen_layer_sha256
+    from nnunetv2_llm.trainers.reliability import CheckpointUnreadable, load_checkpoint_file
+
+    try:
+        plans = json.loads((folder / "plans.json").read_text())
+    except (OSError, ValueError) as e:
+        raise LLMSettingError(f"'{folder / 'plans.json'}' is unreadable ({e})", "the model folder's plans.json") from None
+    spec = BottleneckSpec.from_plans(plans) if PLANS_KEY in plans else None
+    for fold in folds:
+        path = folder / f"fold_{fold}" / checkpoint_name
+        if not path.is_file():
+            raise LLMSettingError(f"fold {fold} has no {checkpoint_name} in '{folder}' (not trained, or not finished)",
+                                  "-f / -chk")
+        try:
+            checkpoint = load_checkpoint_file(path)
+        except CheckpointUnreadable as e:
+            raise LLMSettingError(f"checkpoint '{path}' cannot be used: {e.reason}",
+                                  "nnUNet_LLM_ALLOW_PICKLE" if e.security else "-chk") from None
+        if spec is None:
+            continue
+        weights = checkpoint["network_weights"]
+        proj = weights.get("bottleneck.proj_in.up.weight")
+        if proj is None:
+            raise LLMSettingError(f"'{path}' has no LLM bottleneck block, but plans.json describes one",
+                                  "the model folder's plans.json")
+        if proj.shape[0] != spec.width:
+            raise LLMSettingError(f"'{path}' was trained with an LLM of hidden size {proj.shape[0]}, the model folder's "
+                                  f"plans.json describes hidden size {spec.width} (plans.json from another model?)",
+                                  "the model folder's plans.json")
+        if spec.mixer == "pretrained" and spec.layer_sha256:
+            found = frozen_layer_sha256(weights, spec.dtype, FROZEN_PREFIX)
+            if found != spec.layer_sha256:
+                raise LLMSettingError(f"the frozen LLM layer in '{path}' differs from the one plans.json describes "
+                                      f"(sha256 {found[:12]} vs {spec.layer_sha256[:12]}): the checkpoint or plans.json "
+                                      "comes from another model", "the model folder's plans.json")
+
+
+# ------------------------------------------------------------------------------------------------------- main
+def predict(args: argparse.Namespace) -> int:
+    from nnunetv2_llm.environment import nnunet_env
+    from nnunetv2_llm.nnunet_commands import run
+
+    inputs, output = Path(args.i).expanduser(), Path(args.o).expanduser()
+    try:
+        model = model_folder_of(str(args.d), args.tr, args.p, args.c)
+        model_error = None
+    except LLMSettingError as e:
+        model, model_error = None, e
+    if not inputs.is_dir():
+        raise LLMSettingError(f"input folder '{inputs}' does not exist", "-i")
+    ending = file_ending_of(inputs, model)
+    num_channels = None
+    if model is not None:
+        try:
+            num_channels = len(json.loads((model / "dataset.json").read_text())["channel_names"])
+        except (OSError, ValueError, KeyError, TypeError):
+            num_channels = None
+    images = check_inputs(inputs, ending, num_channels)
+    check_output(output, inputs, ending, args.overwrite, args.continue_prediction)
+    if model_error is not None:
+        raise model_error
+    check_model(model, [str(f) for f in args.f], args.chk)
+    print(f"nnunetv2_llm predict: {len(images)} input image(s) and {len(args.f)} fold checkpoint(s) checked",
+          flush=True)
+    command = ["nnUNetv2_predict", "-i", str(inputs), "-o", str(output), "-d", str(args.d), "-c", args.c,
+               "-f", *[str(f) for f in args.f], "-tr", args.tr, "-p", args.p, "-chk", args.chk, "-device", args.device]
+    if args.npp is not None:
+        command += ["-npp", str(args.npp)]
+    if args.nps is not None:
+        command += ["-nps", str(args.nps)]
+    if args.disable_tta:
+        command.append("--disable_tta")
+    if args.save_probabilities:
+        command.append("--save_probabilities")
+    if args.continue_prediction:
+        command.append("--continue_prediction")
+    run(command, nnunet_env())
+    return 0
+
+
+def main(args: argparse.Namespace) -> int:
+    return predict(args)
