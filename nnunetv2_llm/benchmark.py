@@ -143,18 +143,46 @@ def build_trainer(name: str, args: argparse.Namespace, device, quiet: bool = Tru
     import io
 
     import torch
-    from nnunetv2.run.run_training import get_trainer_from_args
+    from batchgenerators.utilities.file_and_folder_operations import join, load_json
+    from nnunetv2.paths import nnUNet_preprocessed
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
     torch.manual_seed(0)  # the same U-Net initialisation for every trainer
     sink = io.StringIO()
     with contextlib.redirect_stdout(sink) if quiet else contextlib.nullcontext():
-        trainer = get_trainer_from_args(str(args.dataset), args.configuration, args.fold, name, args.plans,
-                                        device=device)
+        # nnunetv2.run.run_training.get_trainer_from_args, with a robust class lookup
+        trainer_class = find_trainer_class(name)
+        dataset = str(args.dataset)
+        dataset_name = maybe_convert_to_dataset_name(dataset if dataset.startswith("Dataset") else int(dataset))
+        base = join(str(nnUNet_preprocessed), dataset_name)
+        plans = load_json(join(base, args.plans + ".json"))
+        plans["continue_training"] = False
+        trainer = trainer_class(plans=plans, configuration=args.configuration, fold=args.fold,
+                                dataset_json=load_json(join(base, "dataset.json")), device=device)
         trainer.initialize()
         trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()  # sets the inference mirror axes
     trainer.set_deep_supervision_enabled(True)
     trainer.network.train()
     return trainer
+
+
+def find_trainer_class(name: str):
+    """This package's trainers directly (the classes nnU-Net's nnUNet_extTrainer lookup finds), others through
+    nnU-Net's lookup. That lookup walks sys.modules while reading module attributes, which can import lazily and
+    fail with 'dictionary changed size during iteration' once transformers is imported (seen with Python 3.12):
+    it is retried."""
+    import nnunetv2_llm.trainers as ours
+
+    if isinstance(getattr(ours, name, None), type):
+        return getattr(ours, name)
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    for attempt in range(3):
+        try:
+            return recursive_find_trainer_class_by_name(name)
+        except RuntimeError as e:
+            if "changed size during iteration" not in str(e) or attempt == 2:
+                raise
 
 
 def unwrap(network):
@@ -339,7 +367,15 @@ def count_flops(trainer, batch: dict, device) -> dict:
             lambda m, inp, out: tokens.__setitem__("shape", tuple(inp[0].shape)))
     data = batch["data"].to(device)
     target = [t.to(device) for t in batch["target"]] if isinstance(batch["target"], list) else batch["target"].to(device)
-    counter = FlopCounterMode(display=False)
+    # Attention is added analytically below: the counter's SDPA formulas assert equal query and key/value heads
+    # (grouped-query attention fails, torch 2.11 on CUDA) and the CPU kernel is not counted at all.
+    from torch.utils.flop_counter import flop_registry
+
+    def no_flops(*args, out_shape=None, **kwargs):
+        return 0
+
+    counter = FlopCounterMode(display=False, custom_mapping={
+        op: no_flops for op in flop_registry if "attention" in str(op)})
     trainer.optimizer.zero_grad(set_to_none=True)
     try:
         with counter:
@@ -364,11 +400,8 @@ def count_flops(trainer, batch: dict, device) -> dict:
         n_tokens = shape[0]
         for s in shape[2:]:
             n_tokens *= s
-    # The counter knows SDPA's CUDA kernels but not the CPU one: add attention analytically when it saw none.
-    layer_ops = next((v for k, v in counter.get_flop_counts().items() if k.endswith(".bottleneck.mixer")), {})
-    attention_counted = any("attention" in str(op) for op in layer_ops)
     attention_added = 0
-    if has_layer and not attention_counted and shape is not None:
+    if has_layer and shape is not None:
         attention_added = attention_training_flops(mixer, shape[0], n_tokens // shape[0])
     total = int(counter.get_total_flops()) + attention_added
     return {"total": total, "block": int(block_flops) + attention_added,

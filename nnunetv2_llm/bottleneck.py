@@ -48,7 +48,7 @@ class LLMBottleneckBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, C, *spatial) -> (B, C, *spatial), same dtype as x."""
         with torch.autocast(device_type=x.device.type, enabled=False):
-            tokens = x.float().flatten(2).transpose(1, 2)
-            mixed = self.mixer(self.proj_in(tokens)).float()
-            delta = self.proj_out(mixed).transpose(1, 2).reshape(x.shape)
-            return (x.float() + delta).to(x.dtype)
+            flat = x.float().flatten(2)  # (B, C, N), converted once (a no-op for float32 input)
+            mixed = self.mixer(self.proj_in(flat.transpose(1, 2))).float()
+            # adding the (B, N, C) result through a transposed view writes (B, C, N) directly: no extra copy
+            return (flat + self.proj_out(mixed).transpose(1, 2)).reshape(x.shape).to(x.dtype)

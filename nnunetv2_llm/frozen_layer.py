@@ -9,6 +9,12 @@ Choices (documented in the README):
   position embeddings live in its embedding layer, which is not used).
 - Numerics: the layer runs with autocast disabled in its own dtype (float32 for GGUF and float32 sources,
   bfloat16 for bfloat16 and float16 sources), so nnU-Net's fp16 autocast on CUDA cannot overflow it.
+- Speed (issue 4, measured in BENCHMARKS.md): on a GPU the layer's ~170 small kernels per training step are
+  bound by Python/dispatch time, not by FLOPs. Two things cut that without changing the result: the rotary
+  tables (cos, sin) are computed once per token count, device and dtype and reused (they depend on nothing
+  else); and attention goes through ``bidirectional_sdpa``, which passes ``is_causal=False`` explicitly and,
+  for float32 on CUDA (no grouped-query SDPA kernel exists there), repeats the key/value heads so that the
+  memory-efficient kernel runs instead of the unfused math fallback.
 """
 
 from __future__ import annotations
@@ -17,6 +23,60 @@ import torch
 from torch import nn
 
 from nnunetv2_llm.llm_source import LayerBlueprint, instantiate_layer
+
+ATTENTION_NAME = "nnunetv2_llm_bidirectional_sdpa"
+_ROTARY_CACHE_SIZE = 8
+
+
+def bidirectional_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       attention_mask: torch.Tensor | None = None, dropout: float = 0.0,
+                       scaling: float | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers attention interface: SDPA over all tokens (never causal), grouped-query aware.
+
+    query (B, H, N, d), key/value (B, H_kv, N, d) -> (B, N, H, d), as transformers' ``sdpa_attention_forward``."""
+    groups = getattr(module, "num_key_value_groups", 1) or 1
+    extra = {}
+    if groups > 1:
+        if (query.is_cuda and query.dtype == torch.float32) or not _SDPA_HAS_GQA:
+            key = _repeat_kv(key, groups)
+            value = _repeat_kv(value, groups)
+        else:
+            extra["enable_gqa"] = True
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, is_causal=False, **extra)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _repeat_kv(states: torch.Tensor, groups: int) -> torch.Tensor:
+    """(B, H_kv, N, d) -> (B, H_kv * groups, N, d), each key/value head repeated for its query heads."""
+    b, h, n, d = states.shape
+    return states[:, :, None].expand(b, h, groups, n, d).reshape(b, h * groups, n, d)
+
+
+def _sdpa_has_gqa() -> bool:
+    import inspect
+
+    try:
+        return "enable_gqa" in inspect.signature(torch.nn.functional.scaled_dot_product_attention).parameters
+    except (TypeError, ValueError):  # a builtin without a Python signature: torch >= 2.5 documents it
+        return tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
+_SDPA_HAS_GQA = _sdpa_has_gqa()
+
+
+def _use_bidirectional_sdpa(layer: nn.Module) -> None:
+    """Route the layer's attention through ``bidirectional_sdpa`` where it would use transformers' SDPA."""
+    try:
+        from transformers import AttentionInterface
+    except ImportError:  # older transformers: keep its own SDPA path (is_causal is already False)
+        return
+    if ATTENTION_NAME not in AttentionInterface._global_mapping:
+        AttentionInterface.register(ATTENTION_NAME, bidirectional_sdpa)
+    for module in layer.modules():
+        config = getattr(module, "config", None)
+        if config is not None and getattr(config, "_attn_implementation", None) == "sdpa":
+            config._attn_implementation = ATTENTION_NAME
 
 
 def weights_dtype(source_dtype: torch.dtype) -> torch.dtype:
@@ -35,7 +95,9 @@ class FrozenLLMLayer(nn.Module):
         for module in self.layer.modules():
             if hasattr(module, "is_causal"):
                 module.is_causal = False
+        _use_bidirectional_sdpa(self.layer)
         self.layer.requires_grad_(False)
+        self._rotary_cache: dict = {}  # not a buffer: not in the state dict, rebuilt on any device
 
     @classmethod
     def from_state_dict(cls, blueprint: LayerBlueprint, config, index: int,
@@ -67,10 +129,29 @@ class FrozenLLMLayer(nn.Module):
         h = tokens.to(self.compute_dtype)
         kwargs = {}
         if self.rotary is not None:
-            positions = torch.arange(h.shape[1], device=h.device).unsqueeze(0).expand(h.shape[0], -1)
-            kwargs = {"position_ids": positions, "position_embeddings": self.rotary(h, positions)}
+            positions, cos_sin = self._rotary_tables(h)
+            kwargs = {"position_ids": positions.expand(h.shape[0], -1), "position_embeddings": cos_sin}
         out = self.layer(h, attention_mask=None, **kwargs)
         return out[0] if isinstance(out, tuple) else out
+
+    def _rotary_tables(self, h: torch.Tensor):
+        """Positions 0..N-1 (1, N) and the rotary (cos, sin), each (1, N, head_dim): they broadcast over the batch
+        and depend only on N, device and dtype, so they are computed once and reused (under torch.compile they are
+        computed in the graph, where the compiler folds them)."""
+        n = h.shape[1]
+        if torch.compiler.is_compiling():
+            positions = torch.arange(n, device=h.device).unsqueeze(0)
+            return positions, self.rotary(h[:1], positions)
+        key = (n, h.device, h.dtype, torch.is_inference_mode_enabled())  # inference tensors can't enter autograd
+        cached = self._rotary_cache.get(key)
+        if cached is None:
+            with torch.no_grad():
+                positions = torch.arange(n, device=h.device).unsqueeze(0)
+                cached = (positions, tuple(self.rotary(h[:1], positions)))
+            if len(self._rotary_cache) >= _ROTARY_CACHE_SIZE:
+                self._rotary_cache.clear()
+            self._rotary_cache[key] = cached
+        return cached
 
 
 def _rotary(blueprint: LayerBlueprint, config) -> nn.Module | None:

@@ -13,10 +13,13 @@ Exit codes: 0 done, 2 bad input or settings (one line on stderr), 1 nnUNetv2_pre
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import math
 import os
 import re
+import struct
+import zlib
 from pathlib import Path
 
 from nnunetv2_llm.errors import LLMSettingError
@@ -60,10 +63,56 @@ def file_ending_of(folder: Path, model_folder: Path | None) -> str:
     return ".nii.gz"
 
 
+def nifti_problem(path: Path) -> str | None:
+    """Checks SimpleITK does not make for NIfTI-1 files: it reads a half-truncated .nii.gz without complaint
+    (missing voxels become zeros), ignores sizeof_hdr and the magic, and turns a zero or NaN pixdim into spacing
+    1.0. Here: the gzip stream must be complete, the header consistent, and the voxel data as long as it says."""
+    opener = gzip.open if path.name.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            header = f.read(352)
+            total = len(header)
+            while chunk := f.read(1 << 20):
+                total += len(chunk)
+    except (EOFError, OSError, zlib.error) as e:
+        return f"truncated or corrupt {'gzip stream' if opener is gzip.open else 'file'} ({e})"
+    if len(header) < 348:
+        return f"file too short for a NIfTI header ({len(header)} bytes)"
+    for endian in "<>":
+        if struct.unpack(f"{endian}i", header[:4])[0] == 348:
+            break
+    else:
+        if struct.unpack("<i", header[:4])[0] == 540 or struct.unpack(">i", header[:4])[0] == 540:
+            return None  # NIfTI-2: left to SimpleITK
+        return f"broken NIfTI header: sizeof_hdr is {struct.unpack('<i', header[:4])[0]}, not 348"
+    if header[344:348] not in (b"n+1\x00", b"ni1\x00"):
+        return f"broken NIfTI header: magic {header[344:348]!r} is not 'n+1' or 'ni1'"
+    dim = struct.unpack(f"{endian}8h", header[40:56])
+    bitpix = struct.unpack(f"{endian}h", header[72:74])[0]
+    pixdim = struct.unpack(f"{endian}8f", header[76:108])
+    vox_offset = struct.unpack(f"{endian}f", header[108:112])[0]
+    if not 1 <= dim[0] <= 7 or any(d < 1 for d in dim[1:dim[0] + 1]):
+        return f"broken NIfTI header: dim {dim}"
+    spatial = pixdim[1:min(dim[0], 3) + 1]
+    if any(not math.isfinite(p) or p == 0 for p in spatial):
+        return f"broken NIfTI header: voxel spacing (pixdim) {spatial} has zero or non-finite values"
+    if header[344:348] == b"n+1\x00" and bitpix > 0 and math.isfinite(vox_offset):
+        expected = int(vox_offset) + math.prod(dim[1:dim[0] + 1]) * bitpix // 8
+        if total < expected:
+            return f"truncated: {total} bytes, the header promises {expected}"
+    return None
+
+
 def check_image(path: Path) -> str | None:
-    """Why ``path`` is not a readable image (None when it is): SimpleITK reads the header, checks geometry, then
-    reads the voxels (a truncated gzip stream only fails there)."""
+    """Why ``path`` is not a readable image (None when it is): NIfTI files get the checks of ``nifti_problem``;
+    then SimpleITK reads the header, the geometry is checked, and the voxels are read."""
     import SimpleITK as sitk
+
+    sitk.ProcessObject_SetGlobalWarningDisplay(False)  # e.g. "Analyze file is deprecated" on stderr
+    if path.name.endswith((".nii", ".nii.gz")):
+        problem = nifti_problem(path)
+        if problem:
+            return problem
 
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))

@@ -115,3 +115,45 @@ def workdir(request) -> dict[str, str]:
 
         return demo_env(Path(prebuilt))
     return request.getfixturevalue("nnunet_workdir")
+
+
+def make_trainer(name: str, workdir: dict[str, str], results: Path, monkeypatch, source: Path | str | None,
+                 layer: str | None = "1", **env: str):
+    """An nnU-Net trainer built in this process (as nnUNetv2_train does), on the CPU, writing to ``results``."""
+    import json
+
+    import torch
+
+    import nnunetv2_llm.trainers as trainers
+
+    # nnU-Net 2.8 reads its folders from the environment when it needs them
+    monkeypatch.setenv("nnUNet_raw", workdir["nnUNet_raw"])
+    monkeypatch.setenv("nnUNet_preprocessed", workdir["nnUNet_preprocessed"])
+    monkeypatch.setenv("nnUNet_results", str(results))
+    for key in ("nnUNet_LLM_SOURCE", "nnUNet_LLM_LAYER", "nnUNet_LLM_SEED", "nnUNet_LLM_MAX_NONFINITE"):
+        monkeypatch.delenv(key, raising=False)
+    if source is not None:
+        monkeypatch.setenv("nnUNet_LLM_SOURCE", str(source))
+    if layer is not None:
+        monkeypatch.setenv("nnUNet_LLM_LAYER", layer)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    pre = Path(workdir["nnUNet_preprocessed"]) / "Dataset004_Hippocampus"
+    plans = json.loads((pre / "nnUNetPlans.json").read_text())
+    plans["continue_training"] = False  # nnUNetv2_train's get_trainer_from_args adds this
+    dataset_json = json.loads((pre / "dataset.json").read_text())
+    return getattr(trainers, name)(plans, CONFIGURATION, 0, dataset_json, torch.device("cpu"))
+
+
+def random_batch(trainer, seed: int = 0) -> dict:
+    """A batch of the trainer's patch size with deep-supervision targets of the network's output shapes."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    patch = trainer.configuration_manager.patch_size
+    data = torch.randn(2, 1, *patch, generator=generator)
+    with torch.no_grad():
+        outputs = trainer.network(data)
+    outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+    target = [torch.randint(0, 3, (2, 1, *o.shape[2:]), generator=generator).float() for o in outputs]
+    return {"data": data, "target": target}

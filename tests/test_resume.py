@@ -135,7 +135,7 @@ def test_predict_guard_on_the_resumed_model(chain):
     raw = Path(chain.env["nnUNet_raw"]) / "Dataset004_Hippocampus" / "imagesTs"
     out = chain.tmp / "predictions"
     args = ["nnunetv2_llm", "predict", "-i", str(raw), "-o", str(out), "-d", "4", "-c", "3d_fullres", "-f", "0",
-            "-tr", TRAINER, "-device", "cpu", "-npp", "1", "-nps", "1"]
+            "-tr", TRAINER, "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_tta"]
     first = run_command(args, chain.env)
     assert first.returncode == 0, first.output[-3000:]
     predictions = sorted(out.glob("*.nii.gz"))
@@ -150,3 +150,65 @@ def test_predict_guard_on_the_resumed_model(chain):
     resumed = run_command([*args, "--continue_prediction"], chain.env)
     assert resumed.returncode == 0, resumed.output[-3000:]
     assert predictions[0].stat().st_mtime_ns == stamp  # nnU-Net skipped the finished case
+
+
+SLOW_SAVE_CHILD = r'''
+import io, sys, time
+import torch
+from nnunetv2_llm.trainers import reliability
+
+mode, target = sys.argv[1], sys.argv[2]
+real_save = torch.save
+
+
+def slow_save(obj, f, *args, **kwargs):
+    """torch.save, with the bytes trickling out so that a kill lands in the middle of the write."""
+    buffer = io.BytesIO()
+    real_save(obj, buffer)
+    data = buffer.getvalue()
+    out = open(f, "wb") if isinstance(f, str) else f
+    for start in range(0, len(data), 1 << 16):
+        out.write(data[start:start + (1 << 16)])
+        out.flush()
+        if start == 1 << 17:
+            print("writing", flush=True)
+        time.sleep(0.01)
+
+
+torch.save = slow_save
+checkpoint = {"version": 2, "network_weights": {"w": torch.randn(2_000_000)}}
+if mode == "atomic":
+    reliability.atomic_torch_save(checkpoint, target)
+else:  # what nnU-Net's save_checkpoint does: torch.save straight onto the final name
+    torch.save(checkpoint, target)
+print("done", flush=True)
+'''
+
+
+@pytest.mark.parametrize("mode", ["atomic", "nnunet"])
+def test_kill_during_checkpoint_write(tmp_path, mode):
+    """SIGKILL in the middle of writing a checkpoint: the atomic write leaves the previous checkpoint intact (and a
+    temporary that the next training start removes); nnU-Net's direct torch.save leaves a truncated file that
+    torch.load (and so --c) fails on."""
+    import subprocess
+    import sys
+
+    from nnunetv2_llm.trainers.reliability import atomic_torch_save, remove_stale_temporaries
+
+    target = tmp_path / "checkpoint_latest.pth"
+    atomic_torch_save({"version": 1, "network_weights": {"w": torch.zeros(3)}}, target)
+    script = tmp_path / "child.py"
+    script.write_text(SLOW_SAVE_CHILD)
+    child = subprocess.Popen([sys.executable, str(script), mode, str(target)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "writing"
+        child.kill()
+    finally:
+        child.wait(timeout=60)
+    assert child.returncode == -signal.SIGKILL
+    if mode == "atomic":
+        assert load_checkpoint_file(target)["version"] == 1  # the previous checkpoint, complete
+        assert remove_stale_temporaries(tmp_path) and not list(tmp_path.glob("*.tmp-*"))
+    else:
+        with pytest.raises(Exception):
+            torch.load(target, weights_only=False)

@@ -11,7 +11,9 @@
   completed epoch; ``nnUNet_LLM_SAVE_EVERY=N`` changes that.
 - Loading (``--c``, ``--val``): checkpoints are read with ``torch.load(weights_only=True)`` (numpy scalars
   allowed), so a tampered checkpoint cannot run code; an unreadable one is renamed ``*.corrupt`` (kept, not
-  deleted) and the next one nnU-Net would use is tried. Before nnU-Net loads it, the checkpoint is checked
+  deleted): ``checkpoint_latest.pth`` then falls back to ``checkpoint_best.pth``, while an unreadable
+  ``checkpoint_final.pth`` stops with a message (``--val`` must never validate an unfinished state; re-running
+  with ``--c`` continues from the latest checkpoint). Before nnU-Net loads it, the checkpoint is checked
   against the network built from the current settings (shapes, and the frozen LLM layer's checksum), and a
   line with checksums of the loaded state goes to the training log.
 - A non-finite loss (or, without a GradScaler, a non-finite gradient norm) skips that optimizer step, so the
@@ -311,7 +313,7 @@ class ReliabilityMixin:
     # ---- training start/end: stale temporaries, atomic json copies, SIGTERM, data seed
     def on_train_start(self):
         if self.local_rank == 0:
-            removed = remove_stale_temporaries(self.output_folder)
+            removed = remove_stale_temporaries(self.output_folder) + remove_stale_temporaries(self.output_folder_base)
             if removed:
                 self.print_to_log_file(f"nnunetv2_llm: removed unfinished temporary files {removed} "
                                        "(left by a process killed while writing)")
@@ -422,7 +424,10 @@ class ReliabilityMixin:
         """Read ``filename``; when it is truncated or corrupt, keep it as ``*.corrupt`` and try the next file in
         nnU-Net's ``--c`` order. Refuses (exit 2) a checkpoint that would need arbitrary unpickling."""
         folder, base = os.path.dirname(filename), os.path.basename(filename)
-        names = list(CHECKPOINT_ORDER[CHECKPOINT_ORDER.index(base):]) if base in CHECKPOINT_ORDER else [base]
+        # latest -> best only: a corrupt checkpoint_final.pth must not be replaced silently by an unfinished state
+        # (``--val`` would validate it); it is set aside and the user re-runs, which then continues with --c.
+        names = list(CHECKPOINT_ORDER[CHECKPOINT_ORDER.index(base):]) \
+            if base in CHECKPOINT_ORDER[1:] else [base]
         problems = []
         for name in names:
             path = os.path.join(folder, name)
@@ -440,6 +445,10 @@ class ReliabilityMixin:
                 problems.append(f"{name} ({e.reason}; kept as {os.path.basename(kept)})")
                 self.print_to_log_file(f"nnunetv2_llm: WARNING: {name} is unreadable ({e.reason}); kept as "
                                        f"{os.path.basename(kept)}, trying the next checkpoint")
+        if base == CHECKPOINT_ORDER[0]:
+            raise_setting_error(f"{filename} is unreadable: {'; '.join(problems)}. Run the same nnUNetv2_train "
+                                "command with --c to continue from checkpoint_latest.pth (or checkpoint_best.pth)",
+                                "--c")
         raise_setting_error(f"no readable checkpoint in {folder}: {'; '.join(problems) or 'none found'}. Start "
                             "again without --c (the unreadable files are kept)", "--c")
 
