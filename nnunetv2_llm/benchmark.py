@@ -64,6 +64,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--memory-steps", type=int, default=2,
                         help="training steps in each memory subprocess (0: skip the memory measurement)")
     parser.add_argument("--no-flops", action="store_true", help="skip FLOP counting")
+    parser.add_argument("--nnunet-train-step", action="store_true",
+                        help="time nnU-Net's own nnUNetTrainer.train_step for every trainer, bypassing trainer-level "
+                             "overrides (e.g. the LLM trainers' per-step finite check, which synchronises the GPU "
+                             "after the forward pass): isolates what the network itself costs")
     parser.add_argument("--compile", action="store_true",
                         help="nnUNet_compile=true: nnU-Net's torch.compile path (CUDA only; nnU-Net's own default "
                              "on CUDA). Without it nnUNet_compile=false")
@@ -260,8 +264,12 @@ def _round_orders(names: list[str], rounds: int) -> list[list[str]]:
     return [list(names) if r % 2 == 0 else list(reversed(names)) for r in range(rounds)]
 
 
-def time_training(trainers: dict, batches: list[dict], warmup: int, iterations: int, device) -> dict:
-    """Per trainer: the timed ``train_step`` durations (seconds), alternating trainers step by step."""
+def time_training(trainers: dict, batches: list[dict], warmup: int, iterations: int, device,
+                  nnunet_step: bool = False) -> dict:
+    """Per trainer: the timed ``train_step`` durations (seconds), alternating trainers step by step.
+    nnunet_step: call nnU-Net's ``nnUNetTrainer.train_step`` instead of the trainer's own override."""
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
     times = {name: [] for name in trainers}
     first = {}
     losses = {name: [] for name in trainers}
@@ -272,8 +280,9 @@ def time_training(trainers: dict, batches: list[dict], warmup: int, iterations: 
             trainer = trainers[name]
             _sync(device)
             start = time.perf_counter()
+            step = (lambda b, t=trainer: nnUNetTrainer.train_step(t, b)) if nnunet_step else trainer.train_step
             try:
-                out = trainer.train_step(batch)
+                out = step(batch)
             except Exception as e:  # e.g. torch.compile failing: fall back to eager, say so
                 if unwrap(trainer.network) is trainer.network:
                     raise
@@ -282,7 +291,7 @@ def time_training(trainers: dict, batches: list[dict], warmup: int, iterations: 
                 trainer.network = unwrap(trainer.network)
                 _sync(device)
                 start = time.perf_counter()
-                out = trainer.train_step(batch)
+                out = step(batch)
             _sync(device)
             elapsed = time.perf_counter() - start
             if name not in first:
@@ -618,13 +627,15 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         if spec:
             llm[name] = {k: spec[k] for k in ("mixer", "source", "source_format", "layer", "model_type", "dtype", "rank")}
             llm[name]["width"] = spec["llm_config"]["hidden_size"]
+            llm[name]["intermediate"] = spec["llm_config"].get("intermediate_size")
 
     print(f"drawing {args.batches} {'synthetic' if args.synthetic_batches else 'real'} batches "
           f"(batch {plan['batch_size']}, patch {plan['patch_size']})", flush=True)
     batches = draw_batches(first, args.batches, args.synthetic_batches, device)
 
     print(f"training steps: {args.warmup} warm-up + {args.iterations} timed per trainer, alternating", flush=True)
-    training = time_training(trainers, batches, args.warmup, args.iterations, device)
+    training = time_training(trainers, batches, args.warmup, args.iterations, device,
+                             getattr(args, "nnunet_train_step", False))
 
     inference_times, case_info = {}, {}
     if args.inference_cases > 0 and args.inference_repeats > 0:
@@ -643,7 +654,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             if dtype and dtype not in rates:
                 width = llm.get(name, {}).get("width", 1024)
                 tokens = max((f["tokens_per_step"] for f in flops.values()), default=1024) or 1024
-                inter = 4 * width
+                inter = llm.get(name, {}).get("intermediate") or 4 * width
                 big = 8192 if device.type == "cuda" else 2048
                 rates[dtype] = {
                     "layer_shape": [tokens, width, inter],
@@ -713,6 +724,8 @@ def assemble(names, baseline, env, plan, llm, params, training, inference_times,
                          "batch_source": "synthetic" if args.synthetic_batches else "nnU-Net data loader (cached)",
                          "inference_cases": case_info, "inference_repeats": args.inference_repeats,
                          "mirroring": not args.no_mirroring, "compile": bool(args.compile),
+                         "train_step": "nnUNetTrainer.train_step for all" if getattr(args, "nnunet_train_step", False)
+                         else "each trainer's own",
                          "memory_steps": args.memory_steps},
             "matmul_rates": rates, "results": per_trainer,
             "targets": {"step_ratio": STEP_RATIO_TARGET, "inference_ratio": INFERENCE_RATIO_TARGET,
@@ -740,7 +753,7 @@ def to_markdown(results: dict) -> str:
         f"- plans: {plan['network']} {plan['features_per_stage']}, patch {plan['patch_size']}, batch {plan['batch_size']}",
         f"- training: {s['warmup']} warm-up + {s['iterations']} timed steps per trainer, alternating (order reversed "
         f"every other round); batches: {s['batch_source']}, {s['batches']} distinct; torch.compile "
-        f"{'on' if s['compile'] else 'off'}",
+        f"{'on' if s['compile'] else 'off'}; train_step: {s.get('train_step', 'each trainer')}",
         f"- inference: {len(s['inference_cases'])} cases {list(s['inference_cases'].values())[:3]}, "
         f"{s['inference_repeats']} rounds, mirroring {'on' if s['mirroring'] else 'off'}",
     ]

@@ -139,15 +139,16 @@ class FrozenLLMLayer(nn.Module):
         and depend only on N, device and dtype, so they are computed once and reused (under torch.compile they are
         computed in the graph, where the compiler folds them)."""
         n = h.shape[1]
+        probe = h[:1].detach()  # the rotary module reads only dtype and device; keep it out of autograd and hooks
         if torch.compiler.is_compiling():
             positions = torch.arange(n, device=h.device).unsqueeze(0)
-            return positions, self.rotary(h[:1], positions)
+            return positions, self.rotary(probe, positions)
         key = (n, h.device, h.dtype, torch.is_inference_mode_enabled())  # inference tensors can't enter autograd
         cached = self._rotary_cache.get(key)
         if cached is None:
             with torch.no_grad():
                 positions = torch.arange(n, device=h.device).unsqueeze(0)
-                cached = (positions, tuple(self.rotary(h[:1], positions)))
+                cached = (positions, tuple(self.rotary(probe, positions)))
             if len(self._rotary_cache) >= _ROTARY_CACHE_SIZE:
                 self._rotary_cache.clear()
             self._rotary_cache[key] = cached

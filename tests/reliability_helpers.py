@@ -43,6 +43,17 @@ class Run:
     returncode: int
     output: str
     killed: bool
+    pgid: int = 0
+
+    def group_alive(self) -> bool:
+        """Whether any process of the command's process group (e.g. augmentation workers) is still running."""
+        try:
+            os.killpg(self.pgid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
 
 
 def run_command(args: list[str], env: dict[str, str], kill_when: str | None = None, sig: int = signal.SIGTERM,
@@ -79,7 +90,7 @@ def run_command(args: list[str], env: dict[str, str], kill_when: str | None = No
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    return Run(proc.returncode, "".join(out), killed)
+    return Run(proc.returncode, "".join(out), killed, proc.pid)
 
 
 def train(trainer: str, env: dict[str, str], *extra: str, **kwargs) -> Run:

@@ -3,7 +3,8 @@ embedded Hippocampus subset, with a tiny LLM source so that a run takes seconds.
 
 One chain of three runs of ``nnUNetTrainerLLM_LoRA_3epochs_2iters`` (3 epochs of 2 iterations, LoRA adapters on
 the frozen layer), built once for the module:
-  run 1: SIGTERM to the trainer during epoch 1;   run 2: ``--c``, SIGKILL to its process group during epoch 2;
+  run 1: SIGTERM to the trainer's process group (trainer + 2 augmentation workers, as scancel does) in epoch 1;
+  run 2: ``--c``, SIGKILL to its process group during epoch 2;
   run 3: ``--c`` to the end (final validation included).
 After each kill the checkpoint on disk is copied; the next run logs checksums of what it loaded, which must equal
 the copy's: frozen layer (also equal to the source's layer), trainable weights (U-Net, projections, LoRA),
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import shutil
 import signal
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -37,7 +39,11 @@ def chain(workdir, tiny_llama, tmp_path_factory):
     env = train_env(workdir, tmp / "results", tiny_llama, layer="1")
     folder = fold_dir(env, TRAINER)
 
-    first = train(TRAINER, env, kill_when=r": Epoch 1\s*$", sig=signal.SIGTERM, delay=0.3)
+    # run 1 with two augmentation worker processes, SIGTERM to the whole process group (what scancel does)
+    first = train(TRAINER, {**env, "nnUNet_n_proc_DA": "2"}, kill_when=r": Epoch 1\s*$", sig=signal.SIGTERM,
+                  whole_group=True, delay=0.3)
+    time.sleep(1)
+    first_group_alive = first.group_alive()
     temporaries_1 = sorted(p.name for p in folder.glob("*.tmp-*"))
     after_term = Path(shutil.copy(folder / "checkpoint_latest.pth", tmp / "after_sigterm.pth"))
 
@@ -52,7 +58,7 @@ def chain(workdir, tiny_llama, tmp_path_factory):
     after_kill = Path(shutil.copy(folder / "checkpoint_latest.pth", tmp / "after_sigkill.pth"))
 
     third = train(TRAINER, env, "--c")
-    return SimpleNamespace(env=env, folder=folder, first=first, second=second, third=third, after_term=after_term,
+    return SimpleNamespace(env=env, folder=folder, first=first, first_group_alive=first_group_alive, second=second, third=third, after_term=after_term,
                            after_kill=after_kill, temporaries_1=temporaries_1, readable_after_kill=readable_after_kill,
                            source=tiny_llama, tmp=tmp)
 
@@ -64,6 +70,7 @@ def test_sigterm_mid_epoch_ends_with_a_resume_hint(chain):
     assert "checkpoint_latest.pth holds the state after epoch 0" in run.output
     assert "--c to continue from epoch 1" in run.output
     assert no_traceback(run.output)
+    assert not chain.first_group_alive  # the augmentation workers were stopped, none left orphaned
     assert chain.temporaries_1 == []
     assert load_checkpoint_file(chain.after_term)["current_epoch"] == 1
 

@@ -341,13 +341,42 @@ class ReliabilityMixin:
         if threading.current_thread() is not threading.main_thread():
             return
 
+        trainer_pid = os.getpid()
+
         def on_sigterm(signum, frame):
+            if os.getpid() != trainer_pid:
+                # A forked data-augmentation worker (it inherited this handler). A whole process group gets
+                # SIGTERM at once (scancel, kill -- -PGID): dying at once would make batchgenerators' results
+                # thread in the trainer raise "background workers are no longer alive" with a traceback before
+                # the trainer's own handler runs. So keep working for a grace period: the trainer stops the
+                # workers cleanly; if it does not (it was not signalled), die anyway.
+                signal.signal(signum, signal.SIG_DFL)
+                threading.Timer(5.0, os.kill, (os.getpid(), signal.SIGKILL)).start()
+                return
             self._restore_sigterm_handler()
+            self._stop_data_loaders()
             self._exit_with(f"interrupted by {signal.Signals(signum).name} during epoch {self.current_epoch}; "
                             f"{self._resume_hint()}", 128 + signum)
 
         with contextlib.suppress(ValueError, OSError):
             self._previous_sigterm = signal.signal(signal.SIGTERM, on_sigterm)
+
+    def _stop_data_loaders(self) -> None:
+        """Stop nnU-Net's augmentation workers before exiting, quietly (their results thread would otherwise
+        report the dying workers with a traceback)."""
+        previous_hook = threading.excepthook
+
+        def quiet(args):
+            if not (isinstance(args.exc_value, RuntimeError) and "workers are no longer alive" in str(args.exc_value)):
+                previous_hook(args)
+
+        threading.excepthook = quiet
+        for loader in (self.dataloader_train, self.dataloader_val):
+            finish = getattr(loader, "_finish", None)
+            if finish is not None:
+                with contextlib.suppress(Exception), open(os.devnull, "w") as devnull, \
+                        contextlib.redirect_stdout(devnull):
+                    finish()
 
     def _restore_sigterm_handler(self) -> None:
         if self._previous_sigterm is not None and threading.current_thread() is threading.main_thread():

@@ -1,0 +1,220 @@
+#!/usr/bin/env python
+"""Single-layer loading benchmark: time and peak memory to build the bottleneck block from layer k of a sharded
+Llama-3.1-8B-shaped safetensors checkpoint, against loading the whole model with transformers (what
+MedVisionLlama does to keep one layer).
+
+The checkpoint is synthetic (``nnunetv2_llm.synthetic_llm``): Llama-3.1-8B's shapes (hidden 4096, intermediate
+14336, 32 heads, 8 KV heads, vocab 128256, bfloat16), ``--layers`` decoder layers plus embeddings and head, cut
+into ``--shard-mib`` shards the way ``save_pretrained`` cuts them, random weights. It is written once to
+``--folder`` (default: the synthetic cache in the temp dir) and reused.
+
+Each measurement runs in a fresh Python process, so its peak RSS (``ru_maxrss``) is its own. "Above the empty
+process" means above the RSS after importing torch, transformers, safetensors and nnunetv2_llm, before reading.
+Target (issue 4): peak RSS above the empty process < 1.5 x the layer's own bytes, and < 5 s.
+
+    python scripts/benchmark_layer_loading.py [--layers 4] [--layer-index 2] [--shard-mib 1024] [--skip-full]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RSS_TARGET = 1.5
+TIME_TARGET_S = 5.0
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _peak() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def child_single(folder: str, index: int, channels: int, rank: int) -> dict:
+    """Build the bottleneck block from layer ``index`` the way the trainer does: make_spec (config, layer
+    checksum) then build_mixer (read the layer, assign it to a meta-device layer)."""
+    import gc
+
+    import safetensors  # noqa: F401
+    import torch
+    import transformers  # noqa: F401
+    import transformers.models.llama.modeling_llama  # noqa: F401
+
+    from nnunetv2_llm.bottleneck import LLMBottleneckBlock
+    from nnunetv2_llm.network import build_mixer
+    from nnunetv2_llm.spec import make_spec
+
+    gc.collect()
+    rss0, peak0 = _rss(), _peak()
+    t0 = time.perf_counter()
+    spec = make_spec("pretrained", folder, index, rank=rank)
+    t1 = time.perf_counter()
+    rss_spec, peak_spec = _rss(), _peak()
+    block = LLMBottleneckBlock(channels, spec.width, spec.rank, build_mixer(spec))
+    t2 = time.perf_counter()
+    layer_bytes = sum(p.numel() * p.element_size() for p in block.mixer.parameters())
+    gc.collect()
+    return {
+        "rss_empty": rss0, "peak_before": peak0, "seconds_spec": t1 - t0, "seconds_build": t2 - t1,
+        "seconds_total": t2 - t0, "peak_after_spec": peak_spec, "rss_after_spec": rss_spec, "peak": _peak(),
+        "rss_end": _rss(), "layer_bytes": layer_bytes, "layer_dtype": str(next(block.mixer.parameters()).dtype),
+        "layer_params": sum(p.numel() for p in block.mixer.parameters()),
+        "block_trainable_params": sum(p.numel() for p in block.parameters() if p.requires_grad),
+        "torch": torch.__version__,
+    }
+
+
+def child_full(folder: str, index: int) -> dict:
+    """Load the whole model with transformers, then keep one layer (MedVisionLlama's way)."""
+    import gc
+
+    import safetensors  # noqa: F401
+    import torch
+    import transformers
+    import transformers.models.llama.modeling_llama  # noqa: F401
+
+    gc.collect()
+    rss0, peak0 = _rss(), _peak()
+    t0 = time.perf_counter()
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, local_files_only=True)
+    layer = model.model.layers[index]
+    t1 = time.perf_counter()
+    peak_loaded = _peak()
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    layer_bytes = sum(p.numel() * p.element_size() for p in layer.parameters())
+    del model
+    gc.collect()
+    return {"rss_empty": rss0, "peak_before": peak0, "seconds_total": t1 - t0, "peak": peak_loaded,
+            "rss_end": _rss(), "model_bytes": model_bytes, "layer_bytes": layer_bytes,
+            "transformers": transformers.__version__}
+
+
+def run_child(kind: str, args: argparse.Namespace, folder: Path) -> dict:
+    cmd = [sys.executable, __file__, "--child", kind, "--folder", str(folder), "--layer-index", str(args.layer_index),
+           "--channels", str(args.channels), "--rank", str(args.rank)]
+    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    line = next((ln for ln in reversed(proc.stdout.splitlines()) if ln.startswith("RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        raise SystemExit(f"{kind} measurement failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    return json.loads(line[len("RESULT "):])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--folder", default=None, help="checkpoint folder (written if missing)")
+    parser.add_argument("--preset", default="llama-8b", help="synthetic shapes (tiny-llama for a smoke test)")
+    parser.add_argument("--layers", type=int, default=4, help="decoder layers in the synthetic checkpoint")
+    parser.add_argument("--layer-index", type=int, default=2, help="the layer k to build the block from")
+    parser.add_argument("--shard-mib", type=float, default=1024, help="shard size when writing the checkpoint")
+    parser.add_argument("--repeats", type=int, default=3, help="fresh-process repeats of the single-layer build")
+    parser.add_argument("--skip-full", action="store_true", help="skip the whole-model transformers load")
+    parser.add_argument("--channels", type=int, default=256, help="bottleneck channels (Hippocampus 3d_fullres: 256)")
+    parser.add_argument("--rank", type=int, default=64)
+    parser.add_argument("--output", default="layer_loading_benchmark", help="folder for the JSON and markdown")
+    parser.add_argument("--child", choices=("single", "full"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.child:
+        result = child_single(args.folder, args.layer_index, args.channels, args.rank) if args.child == "single" \
+            else child_full(args.folder, args.layer_index)
+        print("RESULT " + json.dumps(result), flush=True)
+        return 0
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from nnunetv2_llm.synthetic_llm import ensure_synthetic_checkpoint, layer_nbytes
+
+    start = time.perf_counter()
+    if args.folder:
+        folder = Path(args.folder)
+        if not (folder / "config.json").is_file():
+            from nnunetv2_llm.synthetic_llm import write_synthetic_checkpoint
+
+            write_synthetic_checkpoint(folder, args.preset, args.layers, True, int(args.shard_mib * 2 ** 20))
+    else:
+        folder = ensure_synthetic_checkpoint(args.preset, args.layers, True, int(args.shard_mib * 2 ** 20))
+    written_s = time.perf_counter() - start
+    index = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"] \
+        if (folder / "model.safetensors.index.json").is_file() else {}
+    shards_of_layer = sorted({v for k, v in index.items() if f".layers.{args.layer_index}." in k})
+    print(f"checkpoint: {folder} ({len(set(index.values())) or 1} shards; layer {args.layer_index} in "
+          f"{shards_of_layer}); ready in {written_s:.1f} s", flush=True)
+
+    singles = []
+    for r in range(args.repeats):
+        singles.append(run_child("single", args, folder))
+        s = singles[-1]
+        print(f"  single layer, run {r + 1}: {s['seconds_total']:.2f} s, peak RSS above empty "
+              f"{(s['peak'] - s['rss_empty']) / 2 ** 20:.0f} MiB", flush=True)
+    full = None if args.skip_full else run_child("full", args, folder)
+
+    def med(values):
+        values = sorted(values)
+        return values[len(values) // 2]
+
+    layer_bytes = singles[0]["layer_bytes"]
+    single_peak = med([s["peak"] - s["rss_empty"] for s in singles])
+    single_time = med([s["seconds_total"] for s in singles])
+    summary = {
+        "checkpoint": str(folder), "layers_in_checkpoint": args.layers, "layer_index": args.layer_index,
+        "shards": len(set(index.values())) or 1, "shards_holding_layer": shards_of_layer,
+        "preset": args.preset, "layer_bytes": layer_bytes, "layer_bytes_expected": layer_nbytes(args.preset),
+        "single": {"runs": singles, "median_seconds": single_time, "median_peak_above_empty": single_peak,
+                   "peak_over_layer_bytes": single_peak / layer_bytes,
+                   "median_seconds_spec": med([s["seconds_spec"] for s in singles]),
+                   "median_seconds_build": med([s["seconds_build"] for s in singles])},
+        "full": full,
+        "targets": {"peak_over_layer_bytes": RSS_TARGET, "seconds": TIME_TARGET_S},
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cpu_count": os.cpu_count(),
+    }
+    if full:
+        summary["full"]["peak_above_empty"] = full["peak"] - full["rss_empty"]
+        summary["full"]["peak_over_layer_bytes"] = (full["peak"] - full["rss_empty"]) / layer_bytes
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "layer_loading.json").write_text(json.dumps(summary, indent=2))
+    md = to_markdown(summary)
+    (out / "layer_loading.md").write_text(md)
+    print("\n" + md)
+    return 0
+
+
+def to_markdown(s: dict) -> str:
+    gib = 2 ** 30
+    single = s["single"]
+    lines = [
+        f"Layer {s['layer_index']} of a synthetic {s['preset']} checkpoint ({s['layers_in_checkpoint']} layers + "
+        f"embeddings and head, {s['shards']} shards, bfloat16; the layer is {s['layer_bytes'] / 2 ** 20:.0f} MiB and "
+        f"lies in {', '.join(s['shards_holding_layer']) or 'one file'}); {s['date']}, {s['cpu_count']} cores.",
+        "",
+        "| what | seconds (median) | peak RSS above empty process | / layer bytes | target |",
+        "|---|---|---|---|---|",
+        f"| nnunetv2_llm: make_spec + build block from layer k | {single['median_seconds']:.2f} (spec "
+        f"{single['median_seconds_spec']:.2f} + build {single['median_seconds_build']:.2f}) | "
+        f"{single['median_peak_above_empty'] / gib:.2f} GiB | {single['peak_over_layer_bytes']:.2f} | "
+        f"< {s['targets']['peak_over_layer_bytes']} and < {s['targets']['seconds']:.0f} s: "
+        f"{'met' if single['peak_over_layer_bytes'] < s['targets']['peak_over_layer_bytes'] and single['median_seconds'] < s['targets']['seconds'] else 'MISSED'} |",
+    ]
+    if s["full"]:
+        f = s["full"]
+        lines.append(f"| transformers from_pretrained (whole {s['layers_in_checkpoint']}-layer model, "
+                     f"{f['model_bytes'] / gib:.2f} GiB), keep one layer | {f['seconds_total']:.2f} | "
+                     f"{f['peak_above_empty'] / gib:.2f} GiB | {f['peak_over_layer_bytes']:.2f} | - |")
+        if s["preset"] == "llama-8b":
+            lines.append(f"| (the real 32-layer model holds {(2 * 128256 * 4096 * 2 + 32 * s['layer_bytes']) / gib:.1f} "
+                         "GiB: the whole-model load grows with it, the single-layer build does not) | | | | |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
