@@ -51,4 +51,8 @@ class LLMBottleneckBlock(nn.Module):
             flat = x.float().flatten(2)  # (B, C, N), converted once (a no-op for float32 input)
             mixed = self.mixer(self.proj_in(flat.transpose(1, 2))).float()
             # adding the (B, N, C) result through a transposed view writes (B, C, N) directly: no extra copy
-            return (flat + self.proj_out(mixed).transpose(1, 2)).reshape(x.shape).to(x.dtype)
+            out = (flat + self.proj_out(mixed).transpose(1, 2)).reshape(x.shape)
+            if x.dtype in (torch.float16, torch.bfloat16):  # saturate rather than overflow to inf on the cast
+                limit = torch.finfo(x.dtype).max
+                out = out.clamp(-limit, limit)
+            return out.to(x.dtype)

@@ -97,6 +97,7 @@ class FrozenLLMLayer(nn.Module):
                 module.is_causal = False
         _use_bidirectional_sdpa(self.layer)
         self.layer.requires_grad_(False)
+        self.layer.eval()
         self._rotary_cache: dict = {}  # not a buffer: not in the state dict, rebuilt on any device
 
     @classmethod
@@ -123,6 +124,13 @@ class FrozenLLMLayer(nn.Module):
                     if module.bias is not None:
                         nn.init.zeros_(module.bias)
         return cls(layer.to(dtype), _rotary(blueprint, config))
+
+    def train(self, mode: bool = True) -> "FrozenLLMLayer":
+        """The frozen layer always runs in eval mode (no dropout, e.g. BERT's 0.1): the same function in
+        training and inference. Trainable LoRA adapters are built without dropout."""
+        super().train(mode)
+        self.layer.eval()
+        return self
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens: (B, N, D) in any dtype -> (B, N, D) in the layer's dtype, bidirectional attention."""

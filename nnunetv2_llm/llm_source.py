@@ -196,6 +196,11 @@ def resolve_layer_index(config, layer: int | str | None) -> int:
     return index % n
 
 
+def all_finite(tensor: torch.Tensor, chunk: int = 1 << 22) -> bool:
+    """NaN/Inf check in chunks: a whole-tensor ``isfinite`` would allocate a mask as large as the layer."""
+    return all(bool(torch.isfinite(c).all()) for c in tensor.reshape(-1).split(chunk))
+
+
 @dataclass
 class LayerBlueprint:
     """The classes needed to run one layer of a model family stand-alone."""
@@ -253,7 +258,7 @@ def read_layer_state_dict(source: Path, config, index: int, blueprint: LayerBlue
             ENV_SOURCE,
         )
     for key, tensor in tensors.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        if tensor.is_floating_point() and not all_finite(tensor):
             raise LLMSettingError(
                 f"layer {index} of '{source}' holds NaN/Inf values in '{key}': the weights file is corrupt", ENV_SOURCE)
     return tensors

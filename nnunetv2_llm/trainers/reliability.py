@@ -519,7 +519,7 @@ class ReliabilityMixin:
         return super().on_train_epoch_start()
 
     def train_step(self, batch: dict) -> dict:
-        """nnU-Net's train_step, with a finite check between forward and backward (and on the gradient norm)."""
+        """nnU-Net's train_step with finite checks on the loss and gradient norm; a non-finite step is skipped."""
         from nnunetv2.utilities.helpers import dummy_context
 
         self._iteration += 1
@@ -532,23 +532,27 @@ class ReliabilityMixin:
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
             output = self.network(data)
             loss = self.loss(output, target)
-        if not all_ranks_true(_finite(loss.detach()), self.device):
-            del output
-            return self._skip_step(f"non-finite training loss ({loss.item()})", data, target)
-
+        del output
+        # The finite checks read values back from the GPU only after backward, where nnU-Net syncs anyway
+        # (a check between forward and backward would stall the kernel queue every step).
         if self.grad_scaler is not None:
             self.grad_scaler.scale(loss).backward()
             self.grad_scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            self.grad_scaler.step(self.optimizer)  # skips the step itself when a gradient overflowed
+            self.grad_scaler.step(self.optimizer)  # skips the update itself when a gradient overflowed
             self.grad_scaler.update()
+            if not all_ranks_true(_finite(loss.detach()), self.device):
+                return self._skip_step(f"non-finite training loss ({loss.item()}); the gradient scaler skipped "
+                                       "the update", data, target)
         else:
             loss.backward()
             norm = torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            if not all_ranks_true(_finite(norm), self.device):
+            finite_loss = _finite(loss.detach())
+            if not all_ranks_true(finite_loss and _finite(norm), self.device):
                 self.optimizer.zero_grad(set_to_none=True)
-                return self._skip_step(f"non-finite gradient norm ({norm.item()}) from a finite loss "
-                                       f"({loss.item():.4f})", data, target)
+                what = (f"non-finite training loss ({loss.item()})" if not finite_loss else
+                        f"non-finite gradient norm ({norm.item()}) from a finite loss ({loss.item():.4f})")
+                return self._skip_step(what, data, target)
             self.optimizer.step()
         self._nonfinite_in_a_row = 0
         return {"loss": loss.detach().cpu().numpy()}

