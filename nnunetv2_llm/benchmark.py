@@ -30,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from nnunetv2_llm.process_memory import current_rss, peak_rss, reset_peak_rss
+
 DEFAULT_TRAINERS = ("nnUNetTrainer", "nnUNetTrainerLLM", "nnUNetTrainerLLMNoLLM")
 STEP_RATIO_TARGET = 1.05
 INFERENCE_RATIO_TARGET = 1.05
@@ -483,33 +485,6 @@ def measure_memory(names: list[str], args: argparse.Namespace, device) -> dict:
     return results
 
 
-def _current_rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _peak_rss() -> int:
-    """RSS high-water mark (VmHWM; since the last ``_reset_peak_rss``), else ru_maxrss."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
-
-
-def _reset_peak_rss() -> bool:
-    """Linux >= 4.0: reset VmHWM to the current RSS, so the transient peak of importing torch (CUDA libraries)
-    does not hide the peak of building the trainer and training."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def memory_probe(request: dict) -> dict:
     """Runs in a fresh process: imports, then build + initialise the trainer, then ``steps`` training steps."""
     import gc
@@ -528,14 +503,14 @@ def memory_probe(request: dict) -> dict:
         torch.zeros(1, device=device)
         torch.cuda.reset_peak_memory_stats(device)
     gc.collect()
-    peak_imports = _peak_rss()
-    peak_reset = _reset_peak_rss()
-    rss_imports = _current_rss()
+    peak_imports = peak_rss()
+    peak_reset = reset_peak_rss()
+    rss_imports = current_rss()
     args = argparse.Namespace(dataset=request["dataset"], configuration=request["configuration"],
                               plans=request["plans"], fold=request["fold"])
     trainer = build_trainer(request["trainer"], args, device)
     gc.collect()
-    rss_built = _current_rss()
+    rss_built = current_rss()
     cuda_built = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     batch = synthetic_batch(trainer)
     for _ in range(request["steps"]):
@@ -544,7 +519,7 @@ def memory_probe(request: dict) -> dict:
     return {
         "rss_after_imports": rss_imports, "peak_rss_imports": peak_imports, "peak_rss_reset": peak_reset,
         "rss_after_build": rss_built,
-        "peak_rss": _peak_rss(), "rss_end": _current_rss(),
+        "peak_rss": peak_rss(), "rss_end": current_rss(),
         "cuda_allocated_after_build": cuda_built,
         "cuda_peak_allocated": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0,
         "steps": request["steps"],

@@ -27,35 +27,10 @@ import sys
 import time
 from pathlib import Path
 
+from nnunetv2_llm.process_memory import current_rss, peak_rss, reset_peak_rss
+
 RSS_TARGET = 1.5
 TIME_TARGET_S = 5.0
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _peak() -> int:
-    """The process's RSS high-water mark (VmHWM), since the last ``_reset_peak``."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _reset_peak() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0: write 5 to /proc/self/clear_refs), so that the transient
-    peak of importing torch/transformers does not hide the peak of what is measured afterwards."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def child_single(folder: str, index: int, channels: int, rank: int) -> dict:
@@ -73,13 +48,13 @@ def child_single(folder: str, index: int, channels: int, rank: int) -> dict:
     from nnunetv2_llm.spec import make_spec
 
     gc.collect()
-    peak_imports = _peak()
-    reset = _reset_peak()
-    rss0, peak0 = _rss(), _peak()
+    peak_imports = peak_rss()
+    reset = reset_peak_rss()
+    rss0, peak0 = current_rss(), peak_rss()
     t0 = time.perf_counter()
     spec = make_spec("pretrained", folder, index, rank=rank)
     t1 = time.perf_counter()
-    rss_spec, peak_spec = _rss(), _peak()
+    rss_spec, peak_spec = current_rss(), peak_rss()
     block = LLMBottleneckBlock(channels, spec.width, spec.rank, build_mixer(spec))
     t2 = time.perf_counter()
     layer_bytes = sum(p.numel() * p.element_size() for p in block.mixer.parameters())
@@ -87,8 +62,8 @@ def child_single(folder: str, index: int, channels: int, rank: int) -> dict:
     return {
         "rss_empty": rss0, "peak_before": peak0, "peak_of_imports": peak_imports, "peak_reset": reset,
         "seconds_spec": t1 - t0, "seconds_build": t2 - t1,
-        "seconds_total": t2 - t0, "peak_after_spec": peak_spec, "rss_after_spec": rss_spec, "peak": _peak(),
-        "rss_end": _rss(), "layer_bytes": layer_bytes, "layer_dtype": str(next(block.mixer.parameters()).dtype),
+        "seconds_total": t2 - t0, "peak_after_spec": peak_spec, "rss_after_spec": rss_spec, "peak": peak_rss(),
+        "rss_end": current_rss(), "layer_bytes": layer_bytes, "layer_dtype": str(next(block.mixer.parameters()).dtype),
         "layer_params": sum(p.numel() for p in block.mixer.parameters()),
         "block_trainable_params": sum(p.numel() for p in block.parameters() if p.requires_grad),
         "torch": torch.__version__,
@@ -105,14 +80,14 @@ def child_full(folder: str, index: int) -> dict:
     import transformers.models.llama.modeling_llama  # noqa: F401
 
     gc.collect()
-    peak_imports = _peak()
-    reset = _reset_peak()
-    rss0, peak0 = _rss(), _peak()
+    peak_imports = peak_rss()
+    reset = reset_peak_rss()
+    rss0, peak0 = current_rss(), peak_rss()
     t0 = time.perf_counter()
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, local_files_only=True)
     layer = model.model.layers[index]
     t1 = time.perf_counter()
-    peak_loaded, rss_loaded = _peak(), _rss()
+    peak_loaded, rss_loaded = peak_rss(), current_rss()
     # transformers 5 may return weights still backed by the memory-mapped files (read lazily); whatever then
     # uses the model (moving it to a device, a forward pass) reads them: touch every weight once to count that.
     with torch.no_grad():
@@ -121,13 +96,13 @@ def child_full(folder: str, index: int) -> dict:
     t2 = time.perf_counter()
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     layer_bytes = sum(p.numel() * p.element_size() for p in layer.parameters())
-    peak_touched = _peak()
+    peak_touched = peak_rss()
     del model
     gc.collect()
     return {"rss_empty": rss0, "peak_before": peak0, "peak_of_imports": peak_imports, "peak_reset": reset,
             "seconds_total": t1 - t0, "peak": peak_loaded, "rss_loaded": rss_loaded,
             "seconds_touch_all": t2 - t1, "peak_touched": peak_touched,
-            "rss_end": _rss(), "model_bytes": model_bytes, "layer_bytes": layer_bytes,
+            "rss_end": current_rss(), "model_bytes": model_bytes, "layer_bytes": layer_bytes,
             "transformers": transformers.__version__}
 
 

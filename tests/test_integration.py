@@ -80,3 +80,26 @@ def test_trainer_variants_are_found_by_nnunet_lookup(nnunet_workdir):
                                           "nnUNetTrainerLLMNoLLM_50epochs", "nnUNetTrainerLLMRandom",
                                           "nnUNetTrainerLLM_LoRA", "nnUNetTrainer_frac10",
                                           "nnUNetTrainerLLM_frac30_100epochs"]
+
+
+@pytest.mark.parametrize("plans_name,configuration", [("nnUNetPlans", "2d"), ("nnUNetPlans", "3d_fullres"),
+                                                       ("nnUNetResEncUNetMPlans", "3d_fullres")])
+def test_block_wraps_nnunets_planned_networks(nnunet_workdir, plans_name, configuration):
+    """The real plans nnU-Net made for the Hippocampus subset (default and ResEnc M preset), any configuration."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunetv2_llm.spec import make_spec
+    from nnunetv2_llm.trainers import nnUNetTrainerLLM
+
+    preprocessed = dataset_folder(nnunet_workdir["nnUNet_preprocessed"], 4)
+    if not (preprocessed / f"{plans_name}.json").is_file():  # planning only: no preprocessing needed
+        run(["nnUNetv2_plan_experiment", "-d", "4", "-pl", "nnUNetPlannerResEncM"], nnunet_workdir)
+    plans = json.loads((preprocessed / f"{plans_name}.json").read_text())
+    make_spec("identity", rank=8).to_plans(plans)
+    manager = PlansManager(plans)
+    config = manager.get_configuration(configuration)
+    net = nnUNetTrainerLLM.build_network_architecture(manager, config, 1, 3, True)
+    assert type(net.encoder).__name__ == ("ResidualEncoder" if "ResEnc" in plans_name else "PlainConvEncoder")
+    with torch.no_grad():
+        outputs = net(torch.randn(1, 1, *config.patch_size))
+    assert outputs[0].shape == (1, 3, *config.patch_size)
