@@ -289,9 +289,9 @@ def _paired_differences(paired_df: pd.DataFrame, trainers: Sequence[str]) -> pd.
 
 
 def _curves_from_checkpoint(path: Path) -> pd.DataFrame:
-    import torch
+    from nnunetv2_llm.trainers.reliability import load_checkpoint_file  # weights_only: nothing in it can run code
 
-    log = torch.load(path, map_location="cpu", weights_only=False)["logging"]
+    log = load_checkpoint_file(path)["logging"]
     columns = {"train_loss": "train_losses", "val_loss": "val_losses", "pseudo_dice": "mean_fg_dice"}
     n = min(len(log[k]) for k in columns.values())
     return pd.DataFrame({"epoch": range(n), **{c: np.asarray(log[k][:n], dtype=float) for c, k in columns.items()}})

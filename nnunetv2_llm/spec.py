@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -47,7 +47,6 @@ class BottleneckSpec:
     lora_rank: int = 0
     lora_alpha: int = 16
     seed: int = 0
-    extra: dict = field(default_factory=dict)
 
     @property
     def width(self) -> int:
@@ -67,7 +66,6 @@ class BottleneckSpec:
         read back from plans.json compares equal to a fresh one: JSON turns integer dict keys into strings)."""
         d = asdict(self)
         d.pop("source")  # the same weights may live at another path on another machine
-        d.pop("extra")
         d["llm_config"] = {k: v for k, v in d["llm_config"].items() if k not in VOLATILE_CONFIG_KEYS}
         return json.loads(json.dumps(d, sort_keys=True, default=str))
 

@@ -82,7 +82,7 @@ def layout(tmp_path_factory) -> dict[str, Path]:
                 write(tdir / f"fold_{fold}" / "validation" / f"{case}.nii.gz", pred)
     logging = {"train_losses": [0.5, 0.3, 0.1], "val_losses": [0.6, 0.4, 0.3], "mean_fg_dice": [0.2, 0.5, 0.7],
                "ema_fg_dice": [0.2, 0.23, 0.277]}
-    torch.save({"logging": logging}, results / f"{REF}__nnUNetPlans__3d_fullres" / "fold_0" / "checkpoint_final.pth")
+    torch.save({"network_weights": {}, "logging": logging}, results / f"{REF}__nnUNetPlans__3d_fullres" / "fold_0" / "checkpoint_final.pth")
     (results / f"{LLM}__nnUNetPlans__3d_fullres" / "fold_0" / "training_log_2025_1_1_10_00_00.txt").write_text(
         LOG.format(e=0, tr=0.4, va=0.5, d1=0.6, d2=0.8) + LOG.format(e=1, tr=0.2, va=0.3, d1=0.7, d2=0.9)
     )
