@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from nnunetv2_llm.process_memory import current_rss, peak_rss, reset_peak_rss
+from nnunetv2_llm.report_files import write_json_and_markdown
 
 DEFAULT_TRAINERS = ("nnUNetTrainer", "nnUNetTrainerLLM", "nnUNetTrainerLLMNoLLM")
 STEP_RATIO_TARGET = 1.05
@@ -80,13 +81,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     _prepare_environment(args)
     results = run_benchmark(args)
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "benchmark.json").write_text(json.dumps(results, indent=2))
-    markdown = to_markdown(results)
-    (out / "benchmark.md").write_text(markdown)
-    print("\n" + markdown)
-    print(f"written: {out / 'benchmark.json'}, {out / 'benchmark.md'}")
+    json_path, md_path = write_json_and_markdown(args.output, "benchmark", results, to_markdown(results))
+    print(f"written: {json_path}, {md_path}")
     return 0
 
 

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from nnunetv2_llm.process_memory import current_rss, peak_rss, reset_peak_rss
+from nnunetv2_llm.report_files import write_json_and_markdown
 
 RSS_TARGET = 1.5
 TIME_TARGET_S = 5.0
@@ -189,12 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         summary["full"]["peak_over_layer_bytes"] = (full["peak"] - full["rss_empty"]) / layer_bytes
         summary["full"]["touched_peak_above_empty"] = full["peak_touched"] - full["rss_empty"]
         summary["full"]["touched_peak_over_layer_bytes"] = (full["peak_touched"] - full["rss_empty"]) / layer_bytes
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "layer_loading.json").write_text(json.dumps(summary, indent=2))
-    md = to_markdown(summary)
-    (out / "layer_loading.md").write_text(md)
-    print("\n" + md)
+    write_json_and_markdown(args.output, "layer_loading", summary, to_markdown(summary))
     return 0
 
 
