@@ -43,7 +43,7 @@ def run_demo(work_dir: str | Path, trainer: str, device: str, fold: str) -> Path
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--work-dir", default="nnunetv2_llm_demo", help="folder for nnUNet_raw/preprocessed/results")
-    parser.add_argument("--trainer", default="nnUNetTrainerLLM_5epochs_10iters")
+    parser.add_argument("--trainer", default="nnUNetTrainerLLM_10epochs_25iters")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "mps"))
     parser.add_argument("--fold", default="0")
 
