@@ -187,14 +187,10 @@ def find_trainer_class(name: str):
                 raise
 
 
-def unwrap(network):
-    """The plain module behind torch.compile / DDP wrappers."""
-    network = getattr(network, "module", network)
-    return getattr(network, "_orig_mod", network)
-
-
 def parameter_counts(network) -> dict:
-    net = unwrap(network)
+    from nnunetv2_llm.trainers.reliability import unwrap_network
+
+    net = unwrap_network(network)
     trainable = [p for p in net.parameters() if p.requires_grad]
     frozen = [p for p in net.parameters() if not p.requires_grad]
     block = getattr(net, "bottleneck", None)
@@ -268,6 +264,8 @@ def time_training(trainers: dict, batches: list[dict], warmup: int, iterations: 
     nnunet_step: call nnU-Net's ``nnUNetTrainer.train_step`` instead of the trainer's own override."""
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
+    from nnunetv2_llm.trainers.reliability import unwrap_network
+
     times = {name: [] for name in trainers}
     first = {}
     losses = {name: [] for name in trainers}
@@ -282,11 +280,11 @@ def time_training(trainers: dict, batches: list[dict], warmup: int, iterations: 
             try:
                 out = step(batch)
             except Exception as e:  # e.g. torch.compile failing: fall back to eager, say so
-                if unwrap(trainer.network) is trainer.network:
+                if unwrap_network(trainer.network) is trainer.network:
                     raise
                 errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
                 print(f"  {name}: the compiled network failed ({errors[name]}); falling back to eager")
-                trainer.network = unwrap(trainer.network)
+                trainer.network = unwrap_network(trainer.network)
                 _sync(device)
                 start = time.perf_counter()
                 out = step(batch)
@@ -364,7 +362,9 @@ def count_flops(trainer, batch: dict, device) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    net = unwrap(trainer.network)
+    from nnunetv2_llm.trainers.reliability import unwrap_network
+
+    net = unwrap_network(trainer.network)
     net.train()
     tokens = {}
     hook = None

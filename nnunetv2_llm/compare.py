@@ -58,6 +58,7 @@ def compare(
     Raises ``CompareError`` when a trainer/fold has no validation output (naming the command to run).
     """
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+    from nnunetv2.utilities.file_path_utilities import convert_trainer_plans_config_to_identifier
 
     from nnunetv2_llm.metrics import DEFAULT_NSD_TOLERANCE_MM
 
@@ -71,7 +72,7 @@ def compare(
         raise CompareError(f"cannot resolve dataset {dataset!r}: {e}") from e
     results = _root(results_root, "nnUNet_results") / name
     preprocessed = _root(preprocessed_root, "nnUNet_preprocessed") / name
-    trainer_dirs = {t: results / f"{t}__{plans}__{configuration}" for t in trainers}
+    trainer_dirs = {t: results / convert_trainer_plans_config_to_identifier(t, plans, configuration) for t in trainers}
     command = _command_prefix(name, configuration, plans)
     dataset_json = _dataset_json(trainer_dirs, preprocessed)
     labels, ignore_label = _labels(dataset_json)

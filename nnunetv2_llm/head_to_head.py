@@ -13,16 +13,9 @@ from pathlib import Path
 from typing import Sequence
 
 from nnunetv2_llm.errors import LLMSettingError
-from nnunetv2_llm.nnunet_commands import dataset_folder, ensure_preprocessed, ensure_trained, trainer_fold_dir
-
-
-def nnunet_dataset_id(dataset: str | int) -> int:
-    """4, '4', '004' or 'Dataset004_Hippocampus' -> 4."""
-    text = str(dataset)
-    digits = text[len("Dataset"):len("Dataset") + 3] if text.startswith("Dataset") else text
-    if not digits.isdigit():
-        raise LLMSettingError(f"dataset '{dataset}' is neither an id nor a DatasetXXX_Name", "-d")
-    return int(digits)
+from nnunetv2_llm.nnunet_commands import (
+    dataset_folder, ensure_preprocessed, ensure_trained, nnunet_dataset_id, trainer_fold_dir,
+)
 
 
 def require_nnunet_env() -> dict[str, str]:

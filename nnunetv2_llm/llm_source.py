@@ -127,18 +127,17 @@ def load_config(source: Path):
             from transformers import AutoConfig
 
             architecture = _gguf_architecture(source)
+            unsupported = LLMSettingError(f"GGUF architecture '{architecture}' of '{source}' is not supported; "
+                                          f"supported: {', '.join(DECODER_MODEL_TYPES)}", ENV_SOURCE)
             try:
                 with _gguf_speedups():
                     config = AutoConfig.from_pretrained(source.parent, gguf_file=source.name, local_files_only=True)
             except Exception as e:
                 if "not supported" in str(e).lower():
-                    raise LLMSettingError(f"GGUF architecture '{architecture}' of '{source}' is not supported; "
-                                          f"supported: {', '.join(DECODER_MODEL_TYPES)}", ENV_SOURCE) from None
+                    raise unsupported from None
                 raise
             if config.model_type not in SUPPORTED_MODEL_TYPES:
-                raise LLMSettingError(
-                    f"GGUF architecture '{architecture}' of '{source}' is not supported; supported: "
-                    f"{', '.join(DECODER_MODEL_TYPES)}", ENV_SOURCE)
+                raise unsupported
         else:
             from transformers import CONFIG_MAPPING
 

@@ -29,6 +29,17 @@ def run(args: list[str], env: dict[str, str]) -> None:
         raise NnUNetCommandError(f"`{' '.join(args)}` failed with exit code {result.returncode}")
 
 
+def nnunet_dataset_id(dataset: str | int) -> int:
+    """4, '4', '004' or 'Dataset004_Hippocampus' -> 4."""
+    from nnunetv2_llm.errors import LLMSettingError
+
+    text = str(dataset)
+    digits = text[len("Dataset"):len("Dataset") + 3] if text.startswith("Dataset") else text
+    if not digits.isdigit():
+        raise LLMSettingError(f"dataset '{dataset}' is neither an id nor a DatasetXXX_Name", "-d")
+    return int(digits)
+
+
 def dataset_folder(root: str, dataset_id: int) -> Path | None:
     """The ``DatasetXXX_*`` folder of ``dataset_id`` under an nnU-Net root, if any."""
     found = sorted(Path(root).glob(f"Dataset{dataset_id:03d}_*")) if Path(root).is_dir() else []
@@ -67,8 +78,11 @@ def is_preprocessed(folder: Path | None, configuration: str, plans: str) -> bool
 
 def trainer_fold_dir(env: dict[str, str], dataset_id: int, configuration: str, trainer: str, fold: str,
                      plans: str = "nnUNetPlans") -> Path | None:
+    from nnunetv2.utilities.file_path_utilities import convert_trainer_plans_config_to_identifier
+
     results = dataset_folder(env["nnUNet_results"], dataset_id)
-    return results / f"{trainer}__{plans}__{configuration}" / f"fold_{fold}" if results else None
+    return results / convert_trainer_plans_config_to_identifier(trainer, plans, configuration) / f"fold_{fold}" \
+        if results else None
 
 
 def ensure_trained(dataset_id: int, configuration: str, trainer: str, fold: str, env: dict[str, str],

@@ -184,21 +184,18 @@ def check_output(output: Path, inputs: Path, ending: str, overwrite: bool, conti
 
 # ------------------------------------------------------------------------------------------------------ model
 def model_folder_of(dataset: str, trainer: str, plans: str, configuration: str) -> Path:
+    from nnunetv2.utilities.file_path_utilities import convert_trainer_plans_config_to_identifier
+
+    from nnunetv2_llm.nnunet_commands import dataset_folder, nnunet_dataset_id
+
     results = os.environ.get("nnUNet_results")
     if not results:
         raise LLMSettingError("nnUNet_results is not set: nnU-Net finds trained models there", "nnUNet_results")
-    if dataset.startswith("Dataset"):
-        name = dataset
-    else:
-        try:
-            number = int(dataset)
-        except ValueError:
-            raise LLMSettingError(f"dataset '{dataset}' is neither an id nor a DatasetXXX_Name", "-d") from None
-        found = sorted(Path(results).glob(f"Dataset{number:03d}_*"))
-        if not found:
-            raise LLMSettingError(f"no trained dataset {number} in nnUNet_results ({results})", "-d")
-        name = found[0].name
-    folder = Path(results) / name / f"{trainer}__{plans}__{configuration}"
+    number = nnunet_dataset_id(dataset)
+    dataset_results = dataset_folder(results, number)
+    if dataset_results is None:
+        raise LLMSettingError(f"no trained dataset {number} in nnUNet_results ({results})", "-d")
+    folder = dataset_results / convert_trainer_plans_config_to_identifier(trainer, plans, configuration)
     if not folder.is_dir():
         raise LLMSettingError(f"no trained model at '{folder}'", "-tr / -p / -c")
     if not (folder / "plans.json").is_file() or not (folder / "dataset.json").is_file():

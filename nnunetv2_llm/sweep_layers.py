@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Sequence
 
 from nnunetv2_llm.errors import LLMSettingError
-from nnunetv2_llm.head_to_head import nnunet_dataset_id, prepare_dataset, require_nnunet_env, train_all
+from nnunetv2_llm.head_to_head import prepare_dataset, require_nnunet_env, train_all
 from nnunetv2_llm.llm_source import ENV_LAYER, ENV_SOURCE
-from nnunetv2_llm.nnunet_commands import dataset_folder
+from nnunetv2_llm.nnunet_commands import dataset_folder, nnunet_dataset_id
 
 
 def layer_label(trainer: str, layer: int) -> str:
@@ -26,6 +26,8 @@ def sweep_layers(dataset: str | int, configuration: str, trainer: str, layers: S
                  output_dir: Path, reference: str | None = None, device: str = "cuda", plans: str = "nnUNetPlans",
                  llm_source: str | None = None) -> Path:
     """Returns the path of the report (report.md, with ``dice_per_layer.png`` beside it)."""
+    from nnunetv2.utilities.file_path_utilities import convert_trainer_plans_config_to_identifier as folder_name
+
     from nnunetv2_llm.compare import compare
 
     if len(layers) + (reference is not None) < 2:
@@ -43,14 +45,14 @@ def sweep_layers(dataset: str | int, configuration: str, trainer: str, layers: S
     labels = []
     if reference is not None:
         train_all(dataset_id, configuration, [reference], folds, env, device, plans)
-        _link(Path(env["nnUNet_results"]) / name / f"{reference}__{plans}__{configuration}",
-              combined / f"{reference}__{plans}__{configuration}")
+        _link(Path(env["nnUNet_results"]) / name / folder_name(reference, plans, configuration),
+              combined / folder_name(reference, plans, configuration))
         labels.append(reference)
     for layer in layers:
         layer_env = {**env, ENV_LAYER: str(layer), "nnUNet_results": str(output_dir / f"layer_{layer}")}
         train_all(dataset_id, configuration, [trainer], folds, layer_env, device, plans)
-        _link(output_dir / f"layer_{layer}" / name / f"{trainer}__{plans}__{configuration}",
-              combined / f"{layer_label(trainer, layer)}__{plans}__{configuration}")
+        _link(output_dir / f"layer_{layer}" / name / folder_name(trainer, plans, configuration),
+              combined / folder_name(layer_label(trainer, layer), plans, configuration))
         labels.append(layer_label(trainer, layer))
     report = compare(name, configuration, labels, [int(f) for f in folds], output_dir, plans,
                      results_root=output_dir / "results", preprocessed_root=Path(env["nnUNet_preprocessed"]))

@@ -10,8 +10,7 @@ import pandas as pd
 import pytest
 
 from nnunetv2_llm import nnunet_commands
-from nnunetv2_llm.head_to_head import nnunet_dataset_id
-from nnunetv2_llm.nnunet_commands import nnunet_command, trainer_fold_dir
+from nnunetv2_llm.nnunet_commands import nnunet_command, nnunet_dataset_id, trainer_fold_dir
 
 BASELINE, LLM = "nnUNetTrainer_1epoch_2iters", "nnUNetTrainerLLM_1epoch_2iters"
 

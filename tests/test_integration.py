@@ -14,7 +14,7 @@ import SimpleITK as sitk
 import torch
 
 from nnunetv2_llm.nnunet_commands import dataset_folder, nnunet_command, run, trainer_fold_dir
-from nnunetv2_llm.spec import PLANS_KEY, BottleneckSpec, state_dict_sha256
+from nnunetv2_llm.spec import FROZEN_PREFIX, PLANS_KEY, BottleneckSpec, frozen_layer_sha256
 
 TRAINER = "nnUNetTrainerLLM_1epoch_2iters"
 
@@ -32,11 +32,9 @@ def test_training_writes_a_self_contained_model_folder(trained):
     assert spec.mixer == "pretrained" and spec.model_type == "llama" and spec.layer == 29
     checkpoint = torch.load(trained / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     weights = checkpoint["network_weights"]
-    prefix = "bottleneck.mixer.layer."
-    layer = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
-    assert state_dict_sha256(layer, getattr(torch, spec.dtype)) == spec.layer_sha256  # frozen: untouched
+    assert frozen_layer_sha256(weights, spec.dtype) == spec.layer_sha256  # frozen: untouched
     # the optimizer holds exactly the trainable tensors (the state dict lists shared tensors under several keys)
-    trainable = {v.data_ptr() for k, v in weights.items() if not k.startswith(prefix)}
+    trainable = {v.data_ptr() for k, v in weights.items() if not k.startswith(FROZEN_PREFIX)}
     assert len(checkpoint["optimizer_state"]["param_groups"][0]["params"]) == len(trainable)
 
 

@@ -48,11 +48,11 @@ from torch import autocast
 from torch import distributed as dist
 
 from nnunetv2_llm.errors import LLMSettingError, TrainingAborted  # noqa: F401 (re-exported)
+from nnunetv2_llm.llm_source import ENV_ALLOW_PICKLE, pickle_allowed
 
 ENV_SEED = "nnUNet_LLM_SEED"
 ENV_SAVE_EVERY = "nnUNet_LLM_SAVE_EVERY"
 ENV_MAX_NONFINITE = "nnUNet_LLM_MAX_NONFINITE"
-ENV_ALLOW_PICKLE = "nnUNet_LLM_ALLOW_PICKLE"
 CHECKPOINT_ORDER = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")  # nnU-Net's --c order
 TMP_MARKER = ".tmp-"
 EXIT_NONFINITE = 3
@@ -133,7 +133,7 @@ def load_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu") -> 
     """``torch.load`` with ``weights_only=True`` (tensors, numbers, strings, containers, numpy scalars: nothing that
     can run code). ``nnUNet_LLM_ALLOW_PICKLE=1`` allows full unpickling for a checkpoint the user trusts."""
     path = os.fspath(path)
-    allow_pickle = os.environ.get(ENV_ALLOW_PICKLE, "").strip().lower() in ("1", "true", "yes")
+    allow_pickle = pickle_allowed()
     try:
         with torch.serialization.safe_globals(_numpy_safe_globals()):
             checkpoint = torch.load(path, map_location=map_location, weights_only=True)
@@ -245,7 +245,8 @@ def env_int(name: str, default: int | None, minimum: int = 0) -> int | None:
     return number
 
 
-def _unwrap(network: torch.nn.Module) -> torch.nn.Module:
+def unwrap_network(network: torch.nn.Module) -> torch.nn.Module:
+    """The plain module behind DDP and torch.compile wrappers."""
     from torch._dynamo import OptimizedModule
     from torch.nn.parallel import DistributedDataParallel
 
@@ -386,7 +387,7 @@ class ReliabilityMixin:
 
     # ---- checkpoints
     def _checkpoint_dict(self) -> dict:
-        mod = _unwrap(self.network)
+        mod = unwrap_network(self.network)
         return {
             "network_weights": mod.state_dict(),
             "optimizer_state": self.optimizer.state_dict(),
@@ -421,9 +422,12 @@ class ReliabilityMixin:
             checkpoint, used = self._read_checkpoint_with_fallback(os.fspath(filename_or_checkpoint))
         else:
             checkpoint, used = filename_or_checkpoint, "the given checkpoint"
-        self._check_checkpoint_fits(checkpoint, used)
-        self._apply_checkpoint(checkpoint)
-        fingerprints = state_fingerprints(_unwrap(self.network).state_dict(), self.optimizer.state_dict(),
+        own = unwrap_network(self.network).state_dict()
+        weights = {(k[7:] if k not in own and k.startswith("module.") else k): v  # nnU-Net's DDP-prefix heuristic
+                   for k, v in checkpoint["network_weights"].items()}
+        self._check_checkpoint_fits(weights, own, used)
+        self._apply_checkpoint(checkpoint, weights)
+        fingerprints = state_fingerprints(unwrap_network(self.network).state_dict(), self.optimizer.state_dict(),
                                           self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
                                           getattr(getattr(self, "llm_spec", None), "dtype", None), self.frozen_prefix)
         self.print_to_log_file(f"nnunetv2_llm: loaded {os.path.basename(used)} (epoch counter "
@@ -431,20 +435,16 @@ class ReliabilityMixin:
         if self.current_epoch > 0:
             self._last_saved_epoch = self.current_epoch - 1
 
-    def _apply_checkpoint(self, checkpoint: dict) -> None:
+    def _apply_checkpoint(self, checkpoint: dict, weights: dict) -> None:
         """The body of nnU-Net 2.8.1's load_checkpoint after its ``torch.load`` (which, given a dict instead of a
-        file name, fails there)."""
-        network = _unwrap(self.network)
-        own = network.state_dict().keys()
-        weights = {(k[7:] if k not in own and k.startswith("module.") else k): v
-                   for k, v in checkpoint["network_weights"].items()}
+        file name, fails there); ``weights`` are the checkpoint's network weights with DDP prefixes resolved."""
         self.my_init_kwargs = checkpoint["init_args"]
         self.current_epoch = checkpoint["current_epoch"]
         self.logger.load_checkpoint(checkpoint["logging"])
         self._best_ema = checkpoint["_best_ema"]
         self.inference_allowed_mirroring_axes = checkpoint.get("inference_allowed_mirroring_axes",
                                                                self.inference_allowed_mirroring_axes)
-        network.load_state_dict(weights)
+        unwrap_network(self.network).load_state_dict(weights)
         self.optimizer.load_state_dict(checkpoint["optimizer_state"])
         if self.grad_scaler is not None and checkpoint.get("grad_scaler_state") is not None:
             self.grad_scaler.load_state_dict(checkpoint["grad_scaler_state"])
@@ -481,13 +481,10 @@ class ReliabilityMixin:
         raise_setting_error(f"no readable checkpoint in {folder}: {'; '.join(problems) or 'none found'}. Start "
                             "again without --c (the unreadable files are kept)", "--c")
 
-    def _check_checkpoint_fits(self, checkpoint: dict, used: str) -> None:
-        """The checkpoint must fit the network built from the current settings: same tensor names and shapes,
-        and the same frozen LLM layer. Otherwise nnU-Net's load_state_dict would fail deep inside torch, or
-        silently train on a layer other than the configured one."""
-        own = _unwrap(self.network).state_dict()
-        saved = {(k[7:] if k not in own and k.startswith("module.") else k): v
-                 for k, v in checkpoint["network_weights"].items()}
+    def _check_checkpoint_fits(self, saved: dict, own: dict, used: str) -> None:
+        """The checkpoint's weights (``saved``) must fit the network built from the current settings (``own``):
+        same tensor names and shapes, and the same frozen LLM layer. Otherwise nnU-Net's load_state_dict would
+        fail deep inside torch, or silently train on a layer other than the configured one."""
         missing, unexpected = sorted(own.keys() - saved.keys()), sorted(saved.keys() - own.keys())
         mismatched = [f"{k} {tuple(saved[k].shape)} vs {tuple(own[k].shape)} now" for k in sorted(own.keys() & saved.keys())
                       if tuple(saved[k].shape) != tuple(own[k].shape)]
@@ -581,7 +578,7 @@ class ReliabilityMixin:
         targets = target if isinstance(target, list) else [target]
         if not all(_finite(t.float()) for t in targets):
             return "the target holds NaN/Inf values: a preprocessed segmentation is corrupt"
-        network = _unwrap(self.network)
+        network = unwrap_network(self.network)
         bad = [name for name, p in network.named_parameters() if not _finite(p.detach())]
         if bad:
             part = "the LLM block" if bad[0].startswith("bottleneck.") else "the U-Net"
