@@ -17,13 +17,14 @@ import argparse
 import json
 import os
 import re
-import sys
 from collections.abc import Mapping, Sequence
 from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from nnunetv2_llm.errors import LLMSettingError
 
 CSV_COLUMNS = [
     "trainer", "fold", "case", "label", "label_name", "dice", "nsd", "hd95", "ref_empty", "pred_empty", "paired"
@@ -32,8 +33,9 @@ METRIC_TITLES = {"dice": "Dice", "nsd": "NSD", "hd95": "HD95 (mm)"}  # the metri
 CURVES = {"train_loss": "train loss", "val_loss": "validation loss", "pseudo_dice": "pseudo Dice (mean foreground)"}
 
 
-class CompareError(Exception):
-    """The comparison cannot run; the message names what is missing and how to produce it."""
+class CompareError(LLMSettingError):
+    """The comparison cannot run; the message names what is missing and how to produce it (the CLI prints it
+    on one line and exits 2, as for any bad input)."""
 
 
 def compare(
@@ -141,12 +143,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     output_dir = args.output_dir or Path("reports") / f"compare_{args.dataset}_{args.configuration}"
-    try:
-        report = compare(args.dataset, args.configuration, args.trainers, args.folds, output_dir, args.plans,
-                         _parse_tolerance(args.nsd_tolerance_mm), workers=args.workers)
-    except CompareError as e:
-        print(f"nnunetv2_llm compare: error: {e}", file=sys.stderr)
-        return 1
+    report = compare(args.dataset, args.configuration, args.trainers, args.folds, output_dir, args.plans,
+                     _parse_tolerance(args.nsd_tolerance_mm), workers=args.workers)
     print(f"report: {report}")
     return 0
 

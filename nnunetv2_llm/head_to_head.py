@@ -88,12 +88,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from nnunetv2_llm.compare import CompareError
-
-    try:
-        report = head_to_head(args.dataset, args.configuration, args.trainers, args.folds, args.output_dir,
-                              args.device, args.plans)
-    except CompareError as e:
-        raise LLMSettingError(str(e)) from None
+    report = head_to_head(args.dataset, args.configuration, args.trainers, args.folds, args.output_dir,
+                          args.device, args.plans)
     print(f"report: {report}")
     return 0

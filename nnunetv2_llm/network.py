@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -32,16 +33,37 @@ class LLMBottleneckUNet(nn.Module):
         return self.decoder([*skips[:-1], self.bottleneck(skips[-1])])
 
 
+# layer_sha256 -> the layer's tensors, already read by make_spec_and_layer; taken by the next build for that layer
+_layers_read: dict[str, dict[str, torch.Tensor]] = {}
+
+
+@contextlib.contextmanager
+def reuse_layer(spec: BottleneckSpec, state: dict[str, torch.Tensor] | None):
+    """Inside this block, the first network built for ``spec`` takes its frozen tensors from ``state`` (what
+    ``make_spec_and_layer`` read and checksummed) instead of reading the source again. nnU-Net builds the
+    network in a static method that sees only the plans, hence this hand-over; nothing is kept after the block."""
+    if state is None or not spec.layer_sha256:
+        yield
+        return
+    _layers_read[spec.layer_sha256] = state
+    try:
+        yield
+    finally:
+        _layers_read.pop(spec.layer_sha256, None)
+
+
 def build_mixer(spec: BottleneckSpec) -> nn.Module:
-    """The token mixer the spec asks for. For 'pretrained', weights come from the source when it is
-    present; otherwise (prediction on another machine) a placeholder of the right shape and dtype is built
-    and the checkpoint's ``network_weights`` fill it."""
+    """The token mixer the spec asks for. For 'pretrained', weights come from ``reuse_layer`` or the source
+    when it is present; otherwise (prediction on another machine) a placeholder of the right shape and dtype
+    is built and the checkpoint's ``network_weights`` fill it."""
     if spec.mixer == "identity":
         return nn.Identity()
     config = spec.hf_config()
     blueprint = layer_blueprint(config)
-    if spec.mixer == "pretrained" and source_available(spec):
+    state = _layers_read.pop(spec.layer_sha256, None) if spec.mixer == "pretrained" else None
+    if state is None and spec.mixer == "pretrained" and source_available(spec):
         state = read_layer_state_dict(Path(spec.source), config, spec.layer, blueprint)
+    if state is not None:
         mixer = FrozenLLMLayer.from_state_dict(blueprint, config, spec.layer, state)
     else:
         mixer = FrozenLLMLayer.random(blueprint, config, spec.layer, spec.seed, getattr(torch, spec.dtype))

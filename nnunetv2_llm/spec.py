@@ -107,6 +107,15 @@ def make_spec(mixer: str, source: str | None = None, layer: int | str | None = N
     Errors name the environment variables (``nnUNet_LLM_SOURCE``/``nnUNet_LLM_LAYER``) when the value came from
     there, and ``source_setting``/``layer_setting`` (default: the ``--llm-source``/``--llm-layer`` flags) when
     it was passed in."""
+    return make_spec_and_layer(mixer, source, layer, rank, lora_rank, lora_alpha, seed, source_setting,
+                               layer_setting)[0]
+
+
+def make_spec_and_layer(mixer: str, source: str | None = None, layer: int | str | None = None, rank: int = 64,
+                        lora_rank: int = 0, lora_alpha: int = 16, seed: int = 0, source_setting: str = "--llm-source",
+                        layer_setting: str = "--llm-layer") -> tuple[BottleneckSpec, dict[str, torch.Tensor] | None]:
+    """``make_spec``, also returning the layer's tensors it read (for 'pretrained'; None otherwise), so that the
+    network can be built from them (``network.reuse_layer``) instead of reading the source a second time."""
     if mixer not in MIXERS:
         raise ValueError(f"mixer must be one of {MIXERS}")
     aliases = {}
@@ -115,10 +124,12 @@ def make_spec(mixer: str, source: str | None = None, layer: int | str | None = N
     if layer not in (None, ""):
         aliases[ENV_LAYER] = layer_setting
     with setting_names(**aliases):
-        return _make_spec(mixer, source, layer, rank, lora_rank, lora_alpha, seed)
+        spec, state = _make_spec(mixer, source, layer, rank, lora_rank, lora_alpha, seed)
+    return spec, state if mixer == "pretrained" else None
 
 
-def _make_spec(mixer: str, source, layer, rank: int, lora_rank: int, lora_alpha: int, seed: int) -> BottleneckSpec:
+def _make_spec(mixer: str, source, layer, rank: int, lora_rank: int, lora_alpha: int,
+               seed: int) -> tuple[BottleneckSpec, dict[str, torch.Tensor]]:
     path = resolve_source(source)
     config = load_config(path)
     index = resolve_layer_index(config, layer)
@@ -127,12 +138,13 @@ def _make_spec(mixer: str, source, layer, rank: int, lora_rank: int, lora_alpha:
     from nnunetv2_llm.frozen_layer import weights_dtype
 
     dtype = weights_dtype(next(iter(state.values())).dtype)
-    return BottleneckSpec(
+    spec = BottleneckSpec(
         mixer=mixer, source=str(path), source_format=source_format(path), layer=index,
         model_type=config.model_type, llm_config=config.to_dict(), dtype=str(dtype).removeprefix("torch."),
         layer_sha256=state_dict_sha256(state, dtype) if mixer == "pretrained" else "",
         rank=rank, lora_rank=lora_rank, lora_alpha=lora_alpha, seed=seed,
     )
+    return spec, state
 
 
 def state_dict_sha256(state: dict[str, torch.Tensor], dtype: torch.dtype) -> str:

@@ -106,12 +106,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from nnunetv2_llm.compare import CompareError
-
-    try:
-        report = sweep_layers(args.dataset, args.configuration, args.trainer, args.layers, args.folds,
-                              args.output_dir, args.reference, args.device, args.plans, args.llm_source)
-    except CompareError as e:
-        raise LLMSettingError(str(e)) from None
+    report = sweep_layers(args.dataset, args.configuration, args.trainer, args.layers, args.folds,
+                          args.output_dir, args.reference, args.device, args.plans, args.llm_source)
     print(f"report: {report}")
     return 0

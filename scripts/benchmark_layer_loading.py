@@ -35,8 +35,9 @@ TIME_TARGET_S = 5.0
 
 
 def child_single(folder: str, index: int, channels: int, rank: int) -> dict:
-    """Build the bottleneck block from layer ``index`` the way the trainer does: make_spec (config, layer
-    checksum) then build_mixer (read the layer, assign it to a meta-device layer)."""
+    """Build the bottleneck block from layer ``index`` the way the trainer does: make_spec_and_layer (config,
+    read the layer, checksum) then build_mixer on the tensors it read (``reuse_layer``: assigned to a
+    meta-device layer, not read again)."""
     import gc
 
     import safetensors  # noqa: F401
@@ -45,18 +46,20 @@ def child_single(folder: str, index: int, channels: int, rank: int) -> dict:
     import transformers.models.llama.modeling_llama  # noqa: F401
 
     from nnunetv2_llm.bottleneck import LLMBottleneckBlock
-    from nnunetv2_llm.network import build_mixer
-    from nnunetv2_llm.spec import make_spec
+    from nnunetv2_llm.network import build_mixer, reuse_layer
+    from nnunetv2_llm.spec import make_spec_and_layer
 
     gc.collect()
     peak_imports = peak_rss()
     reset = reset_peak_rss()
     rss0, peak0 = current_rss(), peak_rss()
     t0 = time.perf_counter()
-    spec = make_spec("pretrained", folder, index, rank=rank)
+    spec, layer_read = make_spec_and_layer("pretrained", folder, index, rank=rank)
     t1 = time.perf_counter()
     rss_spec, peak_spec = current_rss(), peak_rss()
-    block = LLMBottleneckBlock(channels, spec.width, spec.rank, build_mixer(spec))
+    with reuse_layer(spec, layer_read):
+        block = LLMBottleneckBlock(channels, spec.width, spec.rank, build_mixer(spec))
+    del layer_read
     t2 = time.perf_counter()
     layer_bytes = sum(p.numel() * p.element_size() for p in block.mixer.parameters())
     gc.collect()
@@ -204,7 +207,7 @@ def to_markdown(s: dict) -> str:
         "",
         "| what | seconds (median) | peak RSS above empty process | / layer bytes | target |",
         "|---|---|---|---|---|",
-        f"| nnunetv2_llm: make_spec + build block from layer k | {single['median_seconds']:.2f} (spec "
+        f"| nnunetv2_llm: read layer k once (make_spec_and_layer) + build the block from it | {single['median_seconds']:.2f} (spec "
         f"{single['median_seconds_spec']:.2f} + build {single['median_seconds_build']:.2f}) | "
         f"{single['median_peak_above_empty'] / gib:.2f} GiB | {single['peak_over_layer_bytes']:.2f} | "
         f"< {s['targets']['peak_over_layer_bytes']} and < {s['targets']['seconds']:.0f} s: "

@@ -222,5 +222,16 @@ def test_command_line(layout, tmp_path, monkeypatch, capsys):
             "--nsd-tolerance-mm", "1=3"]
     assert main(parser.parse_args(args)) == 0
     assert "NSD tolerance: Anterior 3 mm, Posterior 1 mm." in (tmp_path / "out" / "report.md").read_text()
-    assert main(parser.parse_args(["-d", "4", "-tr", REF, LLM, "-f", "3", "-o", str(tmp_path / "x")])) == 1
+    from nnunetv2_llm import cli
+
+    assert cli.main(["compare", "-d", "4", "-tr", REF, LLM, "-f", "3", "-o", str(tmp_path / "x")]) == 2
     assert f"Run: nnUNetv2_train 4 3d_fullres 3 -tr {LLM}" in capsys.readouterr().err
+
+
+def test_command_line_error_is_one_line_exit_2(capsys):
+    """`nnunetv2_llm compare` reports a comparison that cannot run like any bad input: one line, exit 2."""
+    from nnunetv2_llm import cli
+
+    assert cli.main(["compare", "-d", "4", "-tr", REF, REF, "-f", "0"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("nnunetv2_llm: error: give at least two distinct trainers"), err

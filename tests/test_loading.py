@@ -9,10 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from reliability_helpers import make_trainer, workdir  # noqa: F401 (workdir is a fixture)
+
 from nnunetv2_llm.frozen_layer import FrozenLLMLayer
 from nnunetv2_llm.llm_source import (
     default_source, layer_blueprint, load_config, read_layer_state_dict, resolve_layer_index,
 )
+from nnunetv2_llm.spec import frozen_layer_sha256
 from tests.conftest import save_tiny_model
 
 
@@ -120,3 +123,28 @@ def test_bfloat16_source_keeps_bfloat16_weights(tmp_path):
     layer = FrozenLLMLayer.from_state_dict(blueprint, config, 0, read_layer_state_dict(folder, config, 0, blueprint))
     assert {p.dtype for p in layer.parameters()} == {torch.bfloat16}  # no float32 copy
     assert layer(torch.randn(1, 4, 64)).dtype == torch.bfloat16
+
+
+def test_trainer_reads_the_frozen_layer_once(workdir, tmp_path, monkeypatch, tiny_llama):
+    """``__init__`` reads the layer for its checksum; the network built in ``initialize`` takes those tensors
+    instead of reading the source again, and holds nothing else afterwards."""
+    import nnunetv2_llm.network as network
+    import nnunetv2_llm.spec as spec_module
+
+    reads = []
+    original = spec_module.read_layer_state_dict
+
+    def counting(*args, **kwargs):
+        reads.append(args[2])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(spec_module, "read_layer_state_dict", counting)
+    monkeypatch.setattr(network, "read_layer_state_dict", counting)
+    trainer = make_trainer("nnUNetTrainerLLM_1epoch_2iters", workdir, tmp_path / "results", monkeypatch, tiny_llama)
+    layer_read = trainer._layer_read
+    trainer.initialize()
+    assert reads == [1]
+    frozen = trainer.network.bottleneck.mixer.layer.state_dict()
+    assert all(frozen[k].data_ptr() == v.data_ptr() for k, v in layer_read.items())  # the same tensors, no copy
+    assert trainer._layer_read is None and not network._layers_read
+    assert frozen_layer_sha256(trainer.network.state_dict(), trainer.llm_spec.dtype) == trainer.llm_spec.layer_sha256

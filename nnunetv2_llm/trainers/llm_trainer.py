@@ -11,8 +11,8 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from torch import nn
 
 from nnunetv2_llm.errors import LLMSettingError, exit_on_setting_error
-from nnunetv2_llm.network import build_llm_unet
-from nnunetv2_llm.spec import FROZEN_PREFIX, PLANS_KEY, BottleneckSpec, make_spec
+from nnunetv2_llm.network import build_llm_unet, reuse_layer
+from nnunetv2_llm.spec import FROZEN_PREFIX, PLANS_KEY, BottleneckSpec, make_spec_and_layer
 from nnunetv2_llm.trainers.reliability import ReliabilityMixin
 
 
@@ -32,15 +32,22 @@ class nnUNetTrainerLLM(ReliabilityMixin, nnUNetTrainer):
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         with exit_on_setting_error():
-            spec = make_spec(self.llm_mixer, rank=self.llm_rank, lora_rank=self.llm_lora_rank)
+            spec, layer_read = make_spec_and_layer(self.llm_mixer, rank=self.llm_rank, lora_rank=self.llm_lora_rank)
             self._check_model_folder(spec)
         self.llm_spec = spec
+        self._layer_read = layer_read  # handed to the network build in initialize(), then dropped
         spec.to_plans(self.plans_manager.plans)
         self.print_to_log_file(
             f"nnunetv2_llm: mixer={spec.mixer} source={spec.source} layer={spec.layer} "
             f"({spec.model_type}, width {spec.width}, {spec.dtype}) rank={spec.rank} lora_rank={spec.lora_rank} "
             f"layer_sha256={spec.layer_sha256 or '-'}",
             also_print_to_console=True)
+
+    def initialize(self):
+        """nnU-Net's initialize; the network takes the frozen layer read in ``__init__`` (one read per process)."""
+        with reuse_layer(self.llm_spec, self._layer_read):
+            super().initialize()
+        self._layer_read = None
 
     def _check_model_folder(self, spec: BottleneckSpec) -> None:
         """Refuse to mix LLM choices in one model folder (other folds, or a `--c` resume)."""
