@@ -695,8 +695,8 @@ def assemble(names, baseline, env, plan, llm, params, training, inference_times,
         if mem is not None:
             row["memory"] = dict(mem)
             if "error" not in mem and base_mem and "error" not in base_mem:
-                row["memory"]["peak_rss_overhead"] = mem["peak_rss"] - base_mem["peak_rss"]
-                row["memory"]["cuda_peak_overhead"] = mem["cuda_peak_allocated"] - base_mem["cuda_peak_allocated"]
+                for key in ("peak_rss", "rss_after_build", "cuda_peak_allocated", "cuda_allocated_after_build"):
+                    row["memory"][f"{key}_overhead"] = mem[key] - base_mem[key]
         f = flops.get(n)
         if f is not None:
             row["flops"] = dict(f)
@@ -751,7 +751,8 @@ def to_markdown(results: dict) -> str:
         lines.append(f"- {name}: mixer {info['mixer']}, {info['model_type']} layer {info['layer']} "
                      f"(width {info['width']}, {info['dtype']}, {info['source_format']}) from {info['source']}")
     lines += ["", "| trainer | step s (median [q25, q75]) | step ratio (paired) | inference s | inference ratio | "
-                  "peak mem MiB (+ over base) | trainable | frozen (MiB) | GFLOP/step | FLOP ratio |",
+                  "peak mem MiB (over base; over base after building) | trainable | frozen (MiB) | GFLOP/step | "
+                  "FLOP ratio |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results["results"].items():
         st, inf = r["step_s"], r["inference_s"]
@@ -759,9 +760,11 @@ def to_markdown(results: dict) -> str:
         if "error" in mem:
             mem_text = "failed"
         elif mem:
-            key = "cuda_peak_allocated" if env["device"] == "cuda" else "peak_rss"
-            over = mem.get("cuda_peak_overhead" if env["device"] == "cuda" else "peak_rss_overhead")
-            mem_text = _mib(mem[key]) + (f" (+{_mib(over)})" if over is not None and name != results["baseline"] else "")
+            peak, built = (("cuda_peak_allocated", "cuda_allocated_after_build") if env["device"] == "cuda"
+                           else ("peak_rss", "rss_after_build"))
+            mem_text = _mib(mem[peak])
+            if f"{peak}_overhead" in mem and name != results["baseline"]:
+                mem_text += f" ({mem[f'{peak}_overhead'] / 2 ** 20:+.0f}; {mem[f'{built}_overhead'] / 2 ** 20:+.0f})"
         else:
             mem_text = "-"
         p = r["params"]

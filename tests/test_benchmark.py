@@ -171,6 +171,7 @@ def test_flops_and_memory_are_consistent(benchmark_run):
         assert mem["peak_rss"] >= mem["rss_after_build"] >= mem["rss_after_imports"] > 0
         if name != "nnUNetTrainer":
             assert mem["peak_rss_overhead"] == mem["peak_rss"] - base["memory"]["peak_rss"]
+            assert mem["rss_after_build_overhead"] == mem["rss_after_build"] - base["memory"]["rss_after_build"]
 
 
 def test_synthetic_checkpoint_is_sharded_and_readable(tmp_path):
