@@ -42,7 +42,7 @@ def reuse_layer(spec: BottleneckSpec, state: dict[str, torch.Tensor] | None):
     """Inside this block, the first network built for ``spec`` takes its frozen tensors from ``state`` (what
     ``make_spec_and_layer`` read and checksummed) instead of reading the source again. nnU-Net builds the
     network in a static method that sees only the plans, hence this hand-over; nothing is kept after the block."""
-    if state is None or not spec.layer_sha256:
+    if state is None:  # not 'pretrained': nothing was read for the network
         yield
         return
     _layers_read[spec.layer_sha256] = state
