@@ -376,13 +376,18 @@ def count_flops(trainer, batch: dict, device) -> dict:
     target = [t.to(device) for t in batch["target"]] if isinstance(batch["target"], list) else batch["target"].to(device)
     # Attention is added analytically below: the counter's SDPA formulas assert equal query and key/value heads
     # (grouped-query attention fails, torch 2.11 on CUDA) and the CPU kernel is not counted at all.
-    from torch.utils.flop_counter import flop_registry
+    from torch.utils.flop_counter import conv_flop_count, flop_registry
 
     def no_flops(*args, out_shape=None, **kwargs):
         return 0
 
-    counter = FlopCounterMode(display=False, custom_mapping={
-        op: no_flops for op in flop_registry if "attention" in str(op)})
+    def onednn_conv_flops(x_shape, w_shape, *args, out_shape=None, **kwargs):
+        return conv_flop_count(x_shape, w_shape, out_shape, transposed=False)
+
+    mapping = {op: no_flops for op in flop_registry if "attention" in str(op)}
+    # OneDNNLinear calls oneDNN's convolution directly on CPU, an op the counter has no formula for
+    mapping[torch.ops.aten.mkldnn_convolution] = onednn_conv_flops
+    counter = FlopCounterMode(display=False, custom_mapping=mapping)
     trainer.optimizer.zero_grad(set_to_none=True)
     try:
         with counter:

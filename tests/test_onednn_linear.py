@@ -1,0 +1,55 @@
+"""OneDNNLinear: the frozen layer's linears computed by oneDNN on CPU, same function and parameters as nn.Linear."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from nnunetv2_llm.llm_source import instantiate_layer, layer_blueprint
+from nnunetv2_llm.network import build_mixer
+from nnunetv2_llm.onednn_linear import OneDNNLinear, use_onednn_linears
+from nnunetv2_llm.spec import make_spec
+
+needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
+
+
+@needs_onednn
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(7,), (2, 13), (3, 5, 11)])
+def test_matches_nn_linear_forward_and_backward(bias, shape):
+    torch.manual_seed(0)
+    plain = nn.Linear(24, 40, bias=bias)
+    fast = nn.Sequential(plain)
+    use_onednn_linears(fast)
+    assert type(fast[0]) is OneDNNLinear and fast[0].weight is plain.weight  # same parameter, no copy
+    x = torch.randn(*shape, 24, requires_grad=True)
+    grad_out = torch.randn(*shape, 40)
+    expected = plain(x)
+    (expected * grad_out).sum().backward()
+    expected_grads = [x.grad.clone()] + [p.grad.clone() for p in plain.parameters()]
+    x.grad = None
+    plain.zero_grad(set_to_none=True)
+    out = fast(x)
+    (out * grad_out).sum().backward()
+    assert out.shape == expected.shape and out.is_contiguous()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    for got, want in zip([x.grad] + [p.grad for p in plain.parameters()], expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_other_dtypes_take_nn_linear_unchanged():
+    layer = OneDNNLinear(8, 4).to(torch.bfloat16)
+    x = torch.randn(3, 8, dtype=torch.bfloat16)
+    assert torch.equal(layer(x), nn.functional.linear(x, layer.weight, layer.bias))
+
+
+def test_frozen_layer_uses_it_with_unchanged_state_dict_keys(tiny_llama):
+    spec = make_spec("pretrained", source=str(tiny_llama), layer=0, rank=4)
+    mixer = build_mixer(spec)
+    config = spec.hf_config()
+    plain = instantiate_layer(layer_blueprint(config), config, 0, "meta")
+    linears = [m for m in mixer.layer.modules() if isinstance(m, nn.Linear)]
+    assert linears and all(type(m) is OneDNNLinear for m in linears)
+    assert set(mixer.layer.state_dict()) == set(plain.state_dict())  # checkpoints load either way
+    assert not any(p.requires_grad for p in mixer.parameters())
