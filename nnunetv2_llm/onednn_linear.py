@@ -7,7 +7,8 @@ convolutions already run on oneDNN. oneDNN is called directly (``torch.mkldnn_co
 its backend by heuristics and sent 64-channel inputs to a slow reference kernel. Only the frozen layer's linears
 (576 or more input features in every supported model) use it; the rank-64 projections are no faster this way.
 Same parameters and state-dict keys as ``nn.Linear``; results agree to float32 rounding. On other devices and
-dtypes (CUDA, bfloat16, which PyTorch already sends to oneDNN on CPU) it is ``nn.Linear`` unchanged.
+dtypes (CUDA, bfloat16, which PyTorch already sends to oneDNN on CPU) and under torch.compile it is ``nn.Linear``
+unchanged.
 """
 
 from __future__ import annotations
@@ -16,11 +17,15 @@ import torch
 from torch import nn
 
 
+_MKLDNN = torch.backends.mkldnn.is_available()
+
+
 class OneDNNLinear(nn.Linear):
     """x: (..., in_features) -> (..., out_features), as ``nn.Linear``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu" or x.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+        if (torch.compiler.is_compiling() or x.device.type != "cpu" or x.dtype != torch.float32
+                or not _MKLDNN):  # torch.compile traces nn.Linear: the oneDNN op has no fake-tensor kernel
             return super().forward(x)
         lead = x.shape[:-1]
         # every token is one pixel of a (1, in, M, 1) image in channels-last layout: no copy, and oneDNN keeps that

@@ -53,3 +53,14 @@ def test_frozen_layer_uses_it_with_unchanged_state_dict_keys(tiny_llama):
     assert linears and all(type(m) is OneDNNLinear for m in linears)
     assert set(mixer.layer.state_dict()) == set(plain.state_dict())  # checkpoints load either way
     assert not any(p.requires_grad for p in mixer.parameters())
+
+
+@needs_onednn
+def test_traces_under_torch_compile_as_nn_linear():
+    """torch.compile (nnU-Net's default on CUDA; possible on CPU) cannot trace the oneDNN op with fake tensors."""
+    torch.manual_seed(0)
+    layer = nn.Sequential(nn.Linear(24, 40))
+    use_onednn_linears(layer)
+    x = torch.randn(2, 5, 24)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), layer(x), rtol=1e-5, atol=1e-5)
