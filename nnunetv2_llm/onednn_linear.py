@@ -25,7 +25,9 @@ class OneDNNLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (torch.compiler.is_compiling() or x.device.type != "cpu" or x.dtype != torch.float32
-                or not _MKLDNN):  # torch.compile traces nn.Linear: the oneDNN op has no fake-tensor kernel
+                or not (_MKLDNN and torch.backends.mkldnn.enabled)):
+            # torch.compile traces nn.Linear (the oneDNN op has no fake-tensor kernel); a user's
+            # torch.backends.mkldnn.flags(enabled=False) is honoured
             return super().forward(x)
         lead = x.shape[:-1]
         # every token is one pixel of a (1, in, M, 1) image in channels-last layout: no copy, and oneDNN keeps that

@@ -64,3 +64,11 @@ def test_traces_under_torch_compile_as_nn_linear():
     x = torch.randn(2, 5, 24)
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(x), layer(x), rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+def test_honours_onednn_switched_off():
+    layer = OneDNNLinear(8, 4)
+    x = torch.randn(3, 8)
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert torch.equal(layer(x), nn.functional.linear(x, layer.weight, layer.bias))
