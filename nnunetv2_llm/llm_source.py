@@ -267,37 +267,71 @@ def _layer_key_pattern(list_name: str, index: int) -> re.Pattern:
     return re.compile(rf"^(?:.*\.)?{list_name}\.{index}\.(.+)$")
 
 
-def _read_safetensors_layer(folder: Path, index: int, list_name: str) -> dict[str, torch.Tensor]:
+def layer_storage_dtype(source: Path, config, index: int, blueprint: LayerBlueprint) -> torch.dtype:
+    """The dtype layer ``index`` reads as (its first tensor's, as ``read_layer_state_dict`` returns them), without
+    reading its weights where the format allows: GGUF layers are de-quantised to float32, safetensors headers name
+    the dtype. For the controls (no-LLM, random layer), which need the dtype but not the weights."""
+    fmt = source_format(source)
+    if fmt == "gguf":
+        return torch.float32
+    if fmt == "pickle":
+        return next(iter(_read_pickle_layer(source, index, blueprint.layer_list_name).values())).dtype
     from safetensors import safe_open
 
-    pattern = _layer_key_pattern(list_name, index)
-    index_file = folder / "model.safetensors.index.json"
+    with _safetensors_errors(source, index):
+        shards = _safetensors_layer_keys(source, index, blueprint.layer_list_name)
+        if not shards:
+            raise LLMSettingError(f"'{source}' holds no tensors of layer {index}", ENV_SOURCE)
+        shard, keys = next(iter(shards.items()))
+        with safe_open(shard, framework="pt") as f:
+            return f.get_slice(keys[0][0])[0:0].dtype  # an empty slice: the header's dtype, no data read
+
+
+@contextlib.contextmanager
+def _safetensors_errors(folder: Path, index: int):
+    """Any failure reading a safetensors folder becomes an LLMSettingError naming it."""
     try:
-        if index_file.is_file():
-            weight_map = json.loads(index_file.read_text())["weight_map"]
-        else:
-            weight_map = {}
-            for shard in sorted(folder.glob("*.safetensors")):
-                with safe_open(shard, framework="pt") as f:
-                    weight_map.update({k: shard.name for k in f.keys()})
-        wanted: dict[str, list[tuple[str, str]]] = {}
-        for key, shard in weight_map.items():
-            match = pattern.match(key)
-            if match:
-                wanted.setdefault(shard, []).append((key, match.group(1)))
-        tensors = {}
-        for shard, keys in wanted.items():
-            shard_path = (folder / shard).resolve()
-            if shard_path.parent != folder.resolve():
-                raise LLMSettingError(f"'{index_file}' points outside the model folder ('{shard}')", ENV_SOURCE)
-            with safe_open(shard_path, framework="pt") as f:
-                for key, local in keys:
-                    tensors[local] = f.get_tensor(key)
+        yield
     except LLMSettingError:
         raise
     except Exception as e:  # truncated header, bad index, missing shard, ...
         raise LLMSettingError(f"could not read layer {index} from '{folder}' (corrupt or incomplete safetensors?): "
                               f"{_one_line(e)}", ENV_SOURCE) from None
+
+
+def _safetensors_layer_keys(folder: Path, index: int, list_name: str) -> dict[Path, list[tuple[str, str]]]:
+    """shard path -> [(key in the file, key relative to the layer)] for layer ``index``, in the files' order."""
+    from safetensors import safe_open
+
+    pattern = _layer_key_pattern(list_name, index)
+    index_file = folder / "model.safetensors.index.json"
+    if index_file.is_file():
+        weight_map = json.loads(index_file.read_text())["weight_map"]
+    else:
+        weight_map = {}
+        for shard in sorted(folder.glob("*.safetensors")):
+            with safe_open(shard, framework="pt") as f:
+                weight_map.update({k: shard.name for k in f.keys()})
+    wanted: dict[Path, list[tuple[str, str]]] = {}
+    for key, shard in weight_map.items():
+        match = pattern.match(key)
+        if match:
+            shard_path = (folder / shard).resolve()
+            if shard_path.parent != folder.resolve():
+                raise LLMSettingError(f"'{index_file}' points outside the model folder ('{shard}')", ENV_SOURCE)
+            wanted.setdefault(shard_path, []).append((key, match.group(1)))
+    return wanted
+
+
+def _read_safetensors_layer(folder: Path, index: int, list_name: str) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    tensors = {}
+    with _safetensors_errors(folder, index):
+        for shard_path, keys in _safetensors_layer_keys(folder, index, list_name).items():
+            with safe_open(shard_path, framework="pt") as f:
+                for key, local in keys:
+                    tensors[local] = f.get_tensor(key)
     return tensors
 
 
@@ -326,10 +360,21 @@ def _read_pickle_layer(folder: Path, index: int, list_name: str) -> dict[str, to
 @functools.lru_cache(maxsize=1)
 def _gguf_reader(path: Path):
     """Parsing a GGUF header takes 2 s and ~160 MiB for SmolLM2 (each of its 49k tokenizer entries becomes numpy
-    views); the config and the layer are read from one parse, which is dropped once the layer is read."""
+    views); the config and the layer are read from one parse, which is dropped once the layer is read (or when a
+    ``one_source_parse`` block ends)."""
     from gguf import GGUFReader
 
     return GGUFReader(str(path))
+
+
+@contextlib.contextmanager
+def one_source_parse():
+    """Reads of one source inside this block (config, layer dtype, layer) share one parse of a GGUF file, which is
+    dropped when the block ends, also when no layer was read (the controls read only the config)."""
+    try:
+        yield
+    finally:
+        _gguf_reader.cache_clear()
 
 
 @contextlib.contextmanager

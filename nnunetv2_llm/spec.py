@@ -16,8 +16,8 @@ import torch
 
 from nnunetv2_llm.errors import LLMSettingError, setting_names
 from nnunetv2_llm.llm_source import (
-    ENV_LAYER, ENV_SOURCE, layer_blueprint, load_config, read_layer_state_dict, resolve_layer_index, resolve_source,
-    source_format,
+    ENV_LAYER, ENV_SOURCE, layer_blueprint, layer_storage_dtype, load_config, one_source_parse,
+    read_layer_state_dict, resolve_layer_index, resolve_source, source_format,
 )
 
 PLANS_KEY = "nnunetv2_llm"
@@ -124,20 +124,24 @@ def make_spec_and_layer(mixer: str, source: str | None = None, layer: int | str 
     if layer not in (None, ""):
         aliases[ENV_LAYER] = layer_setting
     with setting_names(**aliases):
-        spec, state = _make_spec(mixer, source, layer, rank, lora_rank, lora_alpha, seed)
-    return spec, state if mixer == "pretrained" else None
+        return _make_spec(mixer, source, layer, rank, lora_rank, lora_alpha, seed)
 
 
 def _make_spec(mixer: str, source, layer, rank: int, lora_rank: int, lora_alpha: int,
-               seed: int) -> tuple[BottleneckSpec, dict[str, torch.Tensor]]:
+               seed: int) -> tuple[BottleneckSpec, dict[str, torch.Tensor] | None]:
     path = resolve_source(source)
-    config = load_config(path)
-    index = resolve_layer_index(config, layer)
-    blueprint = layer_blueprint(config)
-    state = read_layer_state_dict(path, config, index, blueprint)
+    with one_source_parse():
+        config = load_config(path)
+        index = resolve_layer_index(config, layer)
+        blueprint = layer_blueprint(config)
+        if mixer == "pretrained":
+            state = read_layer_state_dict(path, config, index, blueprint)
+            source_dtype = next(iter(state.values())).dtype
+        else:  # the controls use no pre-trained weights: only the dtype they are stored in
+            state, source_dtype = None, layer_storage_dtype(path, config, index, blueprint)
     from nnunetv2_llm.frozen_layer import weights_dtype
 
-    dtype = weights_dtype(next(iter(state.values())).dtype)
+    dtype = weights_dtype(source_dtype)
     spec = BottleneckSpec(
         mixer=mixer, source=str(path), source_format=source_format(path), layer=index,
         model_type=config.model_type, llm_config=config.to_dict(), dtype=str(dtype).removeprefix("torch."),

@@ -112,17 +112,75 @@ def test_each_decoder_family_runs_bidirectionally_with_rotary_positions(tmp_path
     assert not torch.allclose(layer(shuffled).sum(1), out.sum(1), atol=1e-4)  # positions matter
 
 
-def test_bfloat16_source_keeps_bfloat16_weights(tmp_path):
-    folder = save_tiny_model(tmp_path / "bf16", "llama", torch_dtype="bfloat16")
-    model_file = folder / "model.safetensors"
+def bfloat16_model(folder: Path) -> Path:
+    """A tiny Llama saved with bfloat16 tensors (one safetensors file)."""
     from safetensors.torch import load_file, save_file
 
+    folder = save_tiny_model(folder, "llama", torch_dtype="bfloat16")
+    model_file = folder / "model.safetensors"
     save_file({k: v.to(torch.bfloat16) for k, v in load_file(model_file).items()}, str(model_file))
+    return folder
+
+
+def test_bfloat16_source_keeps_bfloat16_weights(tmp_path):
+    folder = bfloat16_model(tmp_path / "bf16")
     config = load_config(folder)
     blueprint = layer_blueprint(config)
     layer = FrozenLLMLayer.from_state_dict(blueprint, config, 0, read_layer_state_dict(folder, config, 0, blueprint))
     assert {p.dtype for p in layer.parameters()} == {torch.bfloat16}  # no float32 copy
     assert layer(torch.randn(1, 4, 64)).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("source", ["sharded float32", "bfloat16", "gguf"])
+def test_controls_get_the_layers_dtype_without_reading_it(source, tiny_llama, tmp_path, monkeypatch):
+    """The no-LLM and random-layer controls store the dtype the pre-trained layer would run in, read from the
+    file's metadata: no tensor of the layer is read (for an 8B source that would be 416 MiB)."""
+    import nnunetv2_llm.spec as spec_module
+    from nnunetv2_llm.spec import make_spec
+
+    folder = {"sharded float32": lambda: tiny_llama, "bfloat16": lambda: bfloat16_model(tmp_path / "bf16"),
+              "gguf": lambda: default_source()}[source]()
+    expected = make_spec("pretrained", str(folder), 1).dtype
+    assert expected == ("bfloat16" if source == "bfloat16" else "float32")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a control read the layer's tensors")
+
+    monkeypatch.setattr(spec_module, "read_layer_state_dict", refuse)
+    monkeypatch.setattr("nnunetv2_llm.llm_source._read_gguf_layer", refuse)
+    monkeypatch.setattr("safetensors.safe_open", _without_get_tensor(monkeypatch))
+    for mixer in ("identity", "random"):
+        spec, state = spec_module.make_spec_and_layer(mixer, str(folder), 1)
+        assert (spec.dtype, spec.layer_sha256, state) == (expected, "", None)
+    from nnunetv2_llm.llm_source import _gguf_reader
+
+    assert _gguf_reader.cache_info().currsize == 0  # a GGUF parse (~160 MiB) is not kept when no layer was read
+
+
+def _without_get_tensor(monkeypatch):
+    """``safetensors.safe_open`` whose files refuse ``get_tensor`` (headers and empty slices still work)."""
+    import safetensors
+
+    original = safetensors.safe_open
+
+    class NoTensors:
+        def __init__(self, *args, **kwargs):
+            self._file = original(*args, **kwargs)
+
+        def __enter__(self):
+            self._inner = self._file.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self._file.__exit__(*exc)
+
+        def get_tensor(self, key):
+            raise AssertionError(f"read tensor {key}")
+
+        def __getattr__(self, name):
+            return getattr(self._inner, name)
+
+    return NoTensors
 
 
 def test_trainer_reads_the_frozen_layer_once(workdir, tmp_path, monkeypatch, tiny_llama):
