@@ -703,9 +703,10 @@ def assemble(names, baseline, env, plan, llm, params, training, inference_times,
         mem = memory.get(n)
         if mem is not None:
             row["memory"] = dict(mem)
-            if "error" not in mem and base_mem and "error" not in base_mem:
-                for key in ("peak_rss", "rss_after_build", "cuda_peak_allocated", "cuda_allocated_after_build"):
-                    row["memory"][f"{key}_overhead"] = mem[key] - base_mem[key]
+            row["memory"].update(_memory_over(mem, base_mem, "overhead"))
+            if (llm.get(n) or {}).get("mixer") == "pretrained":
+                control = next((memory.get(c) for c in names if (llm.get(c) or {}).get("mixer") == "identity"), None)
+                row["memory"].update(_memory_over(mem, control, "over_no_llm_control"))
         f = flops.get(n)
         if f is not None:
             row["flops"] = dict(f)
@@ -729,6 +730,14 @@ def assemble(names, baseline, env, plan, llm, params, training, inference_times,
             "matmul_rates": rates, "results": per_trainer,
             "targets": {"step_ratio": STEP_RATIO_TARGET, "inference_ratio": INFERENCE_RATIO_TARGET,
                         "extra_over_floor": FLOOR_FACTOR_TARGET}}
+
+
+def _memory_over(mem: dict, other: dict | None, suffix: str) -> dict:
+    """Memory figures of one probe minus another's (``{key}_{suffix}``); empty when either failed or is missing."""
+    if not other or "error" in mem or "error" in other:
+        return {}
+    return {f"{key}_{suffix}": mem[key] - other[key]
+            for key in ("peak_rss", "rss_after_build", "cuda_peak_allocated", "cuda_allocated_after_build")}
 
 
 # ----------------------------------------------------------------------------------------------- report
@@ -799,6 +808,17 @@ def to_markdown(results: dict) -> str:
             f"measured extra {_fmt(r['step_extra_s'], '.4f')} s = {_fmt(r.get('extra_over_floor'), '.2f')} x floor")
         if r.get("compile_error"):
             lines.append(f"- {name}: torch.compile failed, measured eager: {r['compile_error']}")
+    for name, r in results["results"].items():
+        mem = r.get("memory", {})
+        peak, built = (("cuda_peak_allocated", "cuda_allocated_after_build") if env["device"] == "cuda"
+                       else ("peak_rss", "rss_after_build"))
+        if f"{built}_over_no_llm_control" in mem:
+            frozen = r["params"]["frozen_bytes"]
+            over = mem[f"{built}_over_no_llm_control"]
+            lines.append(
+                f"- {name}: memory over the no-LLM control (same wrapper, same source config read), which isolates the "
+                f"frozen layer: after building {over / 2 ** 20:+.1f} MiB = {over / frozen:.2f} x the layer's "
+                f"{frozen / 2 ** 20:.1f} MiB; peak {mem[f'{peak}_over_no_llm_control'] / 2 ** 20:+.0f} MiB")
     lines += ["", "Targets: step ratio <= %.2f, inference ratio <= %.2f, extra step time <= %.1f x floor (large "
               "layers on GPU); peak memory overhead = frozen layer bytes + activations." % (
                   STEP_RATIO_TARGET, INFERENCE_RATIO_TARGET, FLOOR_FACTOR_TARGET)]

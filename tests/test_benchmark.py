@@ -172,6 +172,11 @@ def test_flops_and_memory_are_consistent(benchmark_run):
         if name != "nnUNetTrainer":
             assert mem["peak_rss_overhead"] == mem["peak_rss"] - base["memory"]["peak_rss"]
             assert mem["rss_after_build_overhead"] == mem["rss_after_build"] - base["memory"]["rss_after_build"]
+    # the pre-trained layer's memory against the no-LLM control: reported for it, and only for it
+    over = llm["memory"]["rss_after_build_over_no_llm_control"]
+    assert over == llm["memory"]["rss_after_build"] - no_llm["memory"]["rss_after_build"]
+    assert not any(k.endswith("_over_no_llm_control") for k in no_llm["memory"])
+    assert f"after building {over / 2 ** 20:+.1f} MiB" in benchmark_run[1]
 
 
 def test_synthetic_checkpoint_is_sharded_and_readable(tmp_path):
