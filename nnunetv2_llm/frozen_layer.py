@@ -110,7 +110,7 @@ class FrozenLLMLayer(nn.Module):
         dtype = weights_dtype(next(iter(state_dict.values())).dtype)
         layer = instantiate_layer(blueprint, config, index, "meta")
         layer.load_state_dict({k: v.to(dtype) for k, v in state_dict.items()}, strict=True, assign=True)
-        return cls(layer, _rotary(blueprint, config))
+        return cls(layer.to(dtype), _rotary(blueprint, config))
 
     @classmethod
     def random(cls, blueprint: LayerBlueprint, config, index: int, seed: int,
@@ -119,7 +119,7 @@ class FrozenLLMLayer(nn.Module):
         (linear weights ~ N(0, initializer_range), biases 0, norms 1), with a fixed seed."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            layer = instantiate_layer(blueprint, config, index, "cpu")
+            layer = instantiate_layer(blueprint, config, index, "cpu", dtype)
             std = getattr(config, "initializer_range", 0.02)
             for module in layer.modules():
                 if isinstance(module, nn.Linear):

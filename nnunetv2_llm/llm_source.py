@@ -229,11 +229,18 @@ def layer_blueprint(config) -> LayerBlueprint:
                           layer_list_name.split(".")[-1], model)
 
 
-def instantiate_layer(blueprint: LayerBlueprint, config, index: int, device: str | torch.device) -> nn.Module:
-    """An instance of the layer class (``device='meta'`` allocates nothing)."""
+def instantiate_layer(blueprint: LayerBlueprint, config, index: int, device: str | torch.device,
+                      dtype: torch.dtype = torch.float32) -> nn.Module:
+    """An instance of the layer class (``device='meta'`` allocates nothing), its parameters created in ``dtype``
+    (a bfloat16 layer is never built in float32 first: that would double its memory)."""
     kwargs = {"layer_idx": index} if "layer_idx" in inspect.signature(blueprint.layer_cls.__init__).parameters else {}
-    with torch.device(device):
-        return blueprint.layer_cls(config, **kwargs)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return blueprint.layer_cls(config, **kwargs)
+    finally:
+        torch.set_default_dtype(default)
 
 
 def read_layer_state_dict(source: Path, config, index: int, blueprint: LayerBlueprint) -> dict[str, torch.Tensor]:

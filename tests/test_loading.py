@@ -131,6 +131,22 @@ def test_bfloat16_source_keeps_bfloat16_weights(tmp_path):
     assert layer(torch.randn(1, 4, 64)).dtype == torch.bfloat16
 
 
+def test_random_control_of_a_bfloat16_source_is_built_in_bfloat16(tmp_path):
+    """The random layer is created in the source's dtype, not in float32 and then converted (2x the memory)."""
+    from nnunetv2_llm.llm_source import instantiate_layer
+    from nnunetv2_llm.network import build_mixer
+    from nnunetv2_llm.spec import make_spec
+
+    folder = bfloat16_model(tmp_path / "bf16")
+    config = load_config(folder)
+    layer = instantiate_layer(layer_blueprint(config), config, 0, "cpu", torch.bfloat16)
+    assert {p.dtype for p in layer.parameters()} == {torch.bfloat16}
+    assert torch.get_default_dtype() == torch.float32  # restored
+    mixer = build_mixer(make_spec("random", str(folder), 0))
+    assert {p.dtype for p in mixer.parameters()} == {torch.bfloat16}
+    assert mixer(torch.randn(1, 4, 64)).dtype == torch.bfloat16
+
+
 @pytest.mark.parametrize("source", ["sharded float32", "bfloat16", "gguf"])
 def test_controls_get_the_layers_dtype_without_reading_it(source, tiny_llama, tmp_path, monkeypatch):
     """The no-LLM and random-layer controls store the dtype the pre-trained layer would run in, read from the
