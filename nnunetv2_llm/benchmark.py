@@ -768,6 +768,8 @@ def to_markdown(results: dict) -> str:
     for name, info in ((n, r["llm"]) for n, r in results["results"].items() if r["llm"]):
         lines.append(f"- {name}: mixer {info['mixer']}, {info['model_type']} layer {info['layer']} "
                      f"(width {info['width']}, {info['dtype']}, {info['source_format']}) from {info['source']}")
+    peak, built = (("cuda_peak_allocated", "cuda_allocated_after_build") if env["device"] == "cuda"
+                   else ("peak_rss", "rss_after_build"))
     lines += ["", "| trainer | step s (median [q25, q75]) | step ratio (paired) | inference s | inference ratio | "
                   "peak mem MiB (over base; over base after building) | trainable | frozen (MiB) | GFLOP/step | "
                   "FLOP ratio |",
@@ -778,8 +780,6 @@ def to_markdown(results: dict) -> str:
         if "error" in mem:
             mem_text = "failed"
         elif mem:
-            peak, built = (("cuda_peak_allocated", "cuda_allocated_after_build") if env["device"] == "cuda"
-                           else ("peak_rss", "rss_after_build"))
             mem_text = _mib(mem[peak])
             if f"{peak}_overhead" in mem and name != results["baseline"]:
                 mem_text += f" ({mem[f'{peak}_overhead'] / 2 ** 20:+.0f}; {mem[f'{built}_overhead'] / 2 ** 20:+.0f})"
@@ -810,8 +810,6 @@ def to_markdown(results: dict) -> str:
             lines.append(f"- {name}: torch.compile failed, measured eager: {r['compile_error']}")
     for name, r in results["results"].items():
         mem = r.get("memory", {})
-        peak, built = (("cuda_peak_allocated", "cuda_allocated_after_build") if env["device"] == "cuda"
-                       else ("peak_rss", "rss_after_build"))
         if f"{built}_over_no_llm_control" in mem:
             frozen = r["params"]["frozen_bytes"]
             over = mem[f"{built}_over_no_llm_control"]

@@ -110,7 +110,7 @@ class FrozenLLMLayer(nn.Module):
         dtype = weights_dtype(next(iter(state_dict.values())).dtype)
         layer = instantiate_layer(blueprint, config, index, "meta")
         layer.load_state_dict({k: v.to(dtype) for k, v in state_dict.items()}, strict=True, assign=True)
-        return cls(layer.to(dtype), _rotary(blueprint, config))
+        return cls(layer, _rotary(blueprint, config))
 
     @classmethod
     def random(cls, blueprint: LayerBlueprint, config, index: int, seed: int,
