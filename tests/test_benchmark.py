@@ -103,6 +103,8 @@ def test_writes_json_and_markdown(benchmark_run):
     for name in results["trainers"]:
         assert f"| {name} |" in markdown
     assert markdown in stdout  # the table is printed as well
+    verdict = next(line for line in markdown.splitlines() if line.startswith("- nnUNetTrainerLLM: step"))
+    assert verdict.endswith("(a GPU target)")  # the floor target is judged on CUDA only
 
 
 def test_ratios_are_quotients_of_the_reported_medians(benchmark_run):
