@@ -6,6 +6,8 @@ Differences are always ``candidate - reference`` on the same cases. Conventions:
 * 95% CI of the mean paired difference: ``scipy.stats.bootstrap`` (BCa, 10 000 resamples, fixed
   seed, ``paired=True``). All differences equal: the CI is that value (the bootstrap distribution
   is a point); fewer than 2 cases: NaN (no interval can be estimated).
+* 95% CI of a median of one sample (the benchmark's paired time ratios): percentile bootstrap (BCa is
+  unstable for the median of a few values), same resamples and seed; fewer than 3 values: NaN.
 * p-value: two-sided ``scipy.stats.wilcoxon`` signed-rank test (zero differences dropped, the
   default ``zero_method="wilcox"``). All differences zero: p = 1.0 (no evidence of a difference).
   No cases: NaN.
@@ -88,6 +90,19 @@ def bootstrap_ci(
         n_resamples=n_resamples,
         rng=seed,
     )
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def median_ci(values: Sequence[float], confidence: float = 0.95, n_resamples: int = BOOTSTRAP_RESAMPLES,
+              seed: int = BOOTSTRAP_SEED) -> tuple[float, float]:
+    """Percentile-bootstrap CI of ``median(values)``, values of shape (n,)."""
+    x = np.asarray(values, dtype=float)
+    if x.size < 3:
+        return float("nan"), float("nan")
+    if np.all(x == x[0]):
+        return float(x[0]), float(x[0])
+    res = stats.bootstrap((x,), np.median, vectorized=True, method="percentile", confidence_level=confidence,
+                          n_resamples=n_resamples, rng=seed)
     return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 

@@ -114,6 +114,8 @@ def test_ratios_are_quotients_of_the_reported_medians(benchmark_run):
     assert base["step_ratio"] == pytest.approx(1.0) and base["inference_ratio"] == pytest.approx(1.0)
     for name, row in rows.items():
         assert row["step_s"]["n"] == 2 and row["inference_s"]["n"] == 1
+        assert row["step_s"]["median"] == pytest.approx(float(np.median(row["step_times_s"])))
+        assert row["inference_s"]["median"] == pytest.approx(float(np.median(row["inference_times_s"])))
         assert row["step_s"]["min"] <= row["step_s"]["median"] <= row["step_s"]["max"]
         assert row["step_ratio"] == pytest.approx(row["step_s"]["median"] / base["step_s"]["median"])
         assert row["inference_ratio"] == pytest.approx(row["inference_s"]["median"] / base["inference_s"]["median"])
@@ -179,6 +181,18 @@ def test_flops_and_memory_are_consistent(benchmark_run):
     assert over == llm["memory"]["rss_after_build"] - no_llm["memory"]["rss_after_build"]
     assert not any(k.endswith("_over_no_llm_control") for k in no_llm["memory"])
     assert f"after building {over / 2 ** 20:+.1f} MiB" in benchmark_run[1]
+
+
+def test_verdicts_follow_the_confidence_interval():
+    from nnunetv2_llm.benchmark import _verdict
+
+    def paired(low, high):
+        return {"median": (low + high) / 2, "ci95": [low, high]}
+
+    assert _verdict(1.03, paired(1.01, 1.04), 1.05).endswith(" ok")
+    assert _verdict(1.07, paired(1.06, 1.09), 1.05).endswith(" OVER")
+    assert _verdict(1.03, paired(1.02, 1.08), 1.05).endswith(" undecided")  # the ratio alone would say ok
+    assert _verdict(1.06, {"median": 1.06, "ci95": None}, 1.05) == "1.060 OVER (too few rounds for a CI)"
 
 
 def test_synthetic_checkpoint_is_sharded_and_readable(tmp_path):

@@ -10,6 +10,7 @@ from nnunetv2_llm.statistics import (
     count_outcomes,
     holm,
     mean_sd,
+    median_ci,
     paired_comparison,
     wilcoxon_p,
 )
@@ -50,6 +51,17 @@ def test_bootstrap_matches_scipy_and_is_reproducible():
     assert bootstrap_ci(CANDIDATE, REFERENCE) == (low, high)
     assert bootstrap_ci([0.9, 0.8, 0.7], [0.8, 0.7, 0.6]) == pytest.approx((0.1, 0.1))  # constant difference
     assert all(np.isnan(bootstrap_ci([0.9], [0.8])))
+
+
+def test_median_ci_brackets_the_median_within_the_sample():
+    ratios = np.array([1.04, 1.01, 1.07, 0.98, 1.05, 1.03, 1.10, 1.02, 1.06, 1.00])
+    low, high = median_ci(ratios)
+    assert ratios.min() <= low < np.median(ratios) < high <= ratios.max()  # resampled medians stay in the sample
+    assert median_ci(ratios) == (low, high)  # fixed seed
+    spread = median_ci(1 + 3 * (ratios - 1))
+    assert spread[1] - spread[0] > high - low  # noisier rounds, wider interval
+    assert median_ci([1.02, 1.02, 1.02]) == (1.02, 1.02)
+    assert all(np.isnan(median_ci([1.0, 1.1])))
 
 
 def test_count_outcomes_direction_and_ties():
