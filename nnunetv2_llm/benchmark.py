@@ -16,7 +16,8 @@ deep-supervision loss) it measures
 - FLOPs of one training step (forward + backward, ``torch.utils.flop_counter``) for the whole network and for the
   LLM block and its layer, and the floor: the layer's FLOPs at the device's measured matrix-multiply rate.
 
-Writes ``benchmark.json`` and ``benchmark.md`` to ``--output`` and prints the table.
+Writes ``benchmark.json`` (with the raw per-round times) and ``benchmark.md`` to ``--output`` and prints the
+table. Step and inference verdicts judge the paired median ratio by its bootstrap 95% CI: ok, OVER, or undecided.
 """
 
 from __future__ import annotations
