@@ -145,6 +145,9 @@ def test_random_control_of_a_bfloat16_source_is_built_in_bfloat16(tmp_path):
     mixer = build_mixer(make_spec("random", str(folder), 0))
     assert {p.dtype for p in mixer.parameters()} == {torch.bfloat16}
     assert mixer(torch.randn(1, 4, 64)).dtype == torch.bfloat16
+    # the same seed draws the same weights as building in float32 and rounding (what earlier versions did)
+    via_float32 = FrozenLLMLayer.random(layer_blueprint(config), config, 0, 0, torch.float32).layer.to(torch.bfloat16)
+    assert all(torch.equal(a, b) for a, b in zip(mixer.layer.state_dict().values(), via_float32.state_dict().values()))
 
 
 @pytest.mark.parametrize("source", ["sharded float32", "bfloat16", "gguf"])
