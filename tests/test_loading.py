@@ -167,7 +167,7 @@ def test_controls_get_the_layers_dtype_without_reading_it(source, tiny_llama, tm
 
     monkeypatch.setattr(spec_module, "read_layer_state_dict", refuse)
     monkeypatch.setattr("nnunetv2_llm.llm_source._read_gguf_layer", refuse)
-    monkeypatch.setattr("safetensors.safe_open", _without_get_tensor(monkeypatch))
+    monkeypatch.setattr("safetensors.safe_open", _without_get_tensor())
     for mixer in ("identity", "random"):
         spec, state = spec_module.make_spec_and_layer(mixer, str(folder), 1)
         assert (spec.dtype, spec.layer_sha256, state) == (expected, "", None)
@@ -176,7 +176,7 @@ def test_controls_get_the_layers_dtype_without_reading_it(source, tiny_llama, tm
     assert _gguf_reader.cache_info().currsize == 0  # a GGUF parse (~160 MiB) is not kept when no layer was read
 
 
-def _without_get_tensor(monkeypatch):
+def _without_get_tensor():
     """``safetensors.safe_open`` whose files refuse ``get_tensor`` (headers and empty slices still work)."""
     import safetensors
 
@@ -187,7 +187,7 @@ def _without_get_tensor(monkeypatch):
             self._file = original(*args, **kwargs)
 
         def __enter__(self):
-            self._inner = self._file.__enter__()
+            self._file.__enter__()  # returns the same object
             return self
 
         def __exit__(self, *exc):
@@ -197,7 +197,7 @@ def _without_get_tensor(monkeypatch):
             raise AssertionError(f"read tensor {key}")
 
         def __getattr__(self, name):
-            return getattr(self._inner, name)
+            return getattr(self._file, name)
 
     return NoTensors
 
