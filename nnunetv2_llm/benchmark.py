@@ -80,14 +80,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    _prepare_environment(args)
-    results = run_benchmark(args)
+    # The trainers write logs into nnUNet_results/...; keep them out of the user's results, and remove them after.
+    with tempfile.TemporaryDirectory(prefix="nnunetv2_llm_benchmark_results_") as trainer_logs:
+        _prepare_environment(args, trainer_logs)
+        results = run_benchmark(args)
     json_path, md_path = write_json_and_markdown(args.output, "benchmark", results, to_markdown(results))
     print(f"written: {json_path}, {md_path}")
     return 0
 
 
-def _prepare_environment(args: argparse.Namespace) -> None:
+def _prepare_environment(args: argparse.Namespace, trainer_logs: str) -> None:
     """Environment for nnU-Net and the LLM trainers; set before torch is imported (OpenMP reads it once)."""
     from nnunetv2_llm.environment import ext_trainer_value
     from nnunetv2_llm.errors import LLMSettingError
@@ -100,8 +102,7 @@ def _prepare_environment(args: argparse.Namespace) -> None:
     if not os.environ.get("nnUNet_preprocessed"):
         raise LLMSettingError("no preprocessed data: set nnUNet_preprocessed or pass --preprocessed "
                               "(`nnunetv2_llm demo` or nnUNetv2_plan_and_preprocess makes it)", "nnUNet_preprocessed")
-    # The trainers write logs into nnUNet_results/...; keep them out of the user's results.
-    os.environ["nnUNet_results"] = tempfile.mkdtemp(prefix="nnunetv2_llm_benchmark_results_")
+    os.environ["nnUNet_results"] = trainer_logs
     # Batches are drawn once, in this process: no augmentation workers competing for the cores while timing.
     os.environ["nnUNet_n_proc_DA"] = "0"
     os.environ["nnUNet_compile"] = "true" if args.compile else "false"
@@ -683,9 +684,6 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         t.network.eval()
     results = assemble(names, baseline, env, plan, llm, params, training, inference_times, case_info, flops, rates,
                        memory, args)
-    import shutil
-
-    shutil.rmtree(os.environ["nnUNet_results"], ignore_errors=True)
     del trainers
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -80,12 +80,19 @@ def make_tiny_preprocessed(root: Path, n_cases: int = 5) -> Path:
 
 
 @pytest.fixture(scope="module")
-def benchmark_run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("bench")
+def bench_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("bench")
+
+
+@pytest.fixture(scope="module")
+def benchmark_run(bench_dir):
+    tmp = bench_dir
     preprocessed = make_tiny_preprocessed(tmp / "nnUNet_preprocessed")
     source = synthetic_llm.write_synthetic_checkpoint(tmp / "tiny_llama", "tiny-llama", shard_bytes=40_000)
     out = tmp / "out"
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "nnUNet_preprocessed": str(preprocessed)}
+    (tmp / "tmpdir").mkdir()
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "nnUNet_preprocessed": str(preprocessed),
+           "TMPDIR": str(tmp / "tmpdir")}
     env.pop("nnUNet_LLM_LAYER", None)
     cmd = [sys.executable, "-m", "nnunetv2_llm.cli", "benchmark", "-d", DATASET, "-c", "3d_fullres", "--device", "cpu",
            "-tr", "nnUNetTrainer", "nnUNetTrainerLLM", "nnUNetTrainerLLMNoLLM", "--llm-source", str(source),
@@ -94,6 +101,25 @@ def benchmark_run(tmp_path_factory):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads((out / "benchmark.json").read_text()), (out / "benchmark.md").read_text(), proc.stdout
+
+
+def _benchmark_temp_folders(tmpdir: Path) -> list[str]:
+    return [p.name for p in tmpdir.iterdir() if p.name.startswith("nnunetv2_llm_benchmark")]
+
+
+def test_leaves_no_trainer_logs_behind(benchmark_run, bench_dir):
+    """The trainers' logs go to a temporary nnUNet_results (in $TMPDIR), which is removed when the benchmark ends."""
+    assert not _benchmark_temp_folders(bench_dir / "tmpdir")
+
+
+def test_a_bad_setting_stops_it_without_leftovers(tmp_path):
+    env = {**os.environ, "TMPDIR": str(tmp_path), "nnUNet_preprocessed": str(tmp_path)}
+    cmd = [sys.executable, "-m", "nnunetv2_llm.cli", "benchmark", "-d", DATASET, "--iterations", "0",
+           "--output", str(tmp_path / "out")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "--iterations must be at least 1" in proc.stderr + proc.stdout, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not _benchmark_temp_folders(tmp_path) and not (tmp_path / "out").exists()
 
 
 def test_writes_json_and_markdown(benchmark_run):
