@@ -4,8 +4,9 @@ MedVisionLlama lists its training pairs in ``Data_Folder/TaskXX_Name/data_file.t
 ``image,label`` pair per line, paths relative to the task folder. This writes
 ``$nnUNet_raw/DatasetXXX_Name/{imagesTr,labelsTr,dataset.json}`` (``CASE_0000.nii.gz`` images, one file per
 channel; ``CASE.nii.gz`` labels), after checking every line: paths must stay inside the task folder, files
-must exist, and image and label must share size and spacing. Nothing is written unless every line passes,
-and an existing dataset is replaced only with ``--overwrite``.
+must exist and read in full (not truncated), and image and label must share size and spacing. Nothing is
+written unless every line passes; an existing dataset is replaced only with ``--overwrite``, and never when
+it is, holds or sits inside the input.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from nnunetv2_llm.dataset_checks import path_inside
 from nnunetv2_llm.errors import LLMSettingError
+from nnunetv2_llm.predict_guard import check_image
 
 DEFAULT_DATAFILE = "data_file.txt"
 IMAGE_ENDINGS = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
@@ -55,14 +58,6 @@ def _raise_all(problems: list[str], what: str, setting: str) -> None:
     if problems:
         more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
         raise LLMSettingError(f"{what} (fix: {setting}):\n  " + "\n  ".join(problems[:MAX_LISTED]) + more)
-
-
-def _inside(task: Path, text: str) -> Path | None:
-    """The entry resolved (symlinks followed) if it stays inside ``task``, else None."""
-    root = task.resolve()
-    candidate = Path(text).expanduser()
-    resolved = (candidate if candidate.is_absolute() else root / candidate).resolve()
-    return resolved if root in resolved.parents else None
 
 
 def parse_datafile(task: Path, datafile: Path) -> list[Pair]:
@@ -101,7 +96,7 @@ def parse_datafile(task: Path, datafile: Path) -> list[Pair]:
             if _ending(value) is None:
                 problems.append(f"{where}: {kind} '{value}' is not an image file ({', '.join(IMAGE_ENDINGS)})")
                 continue
-            path = _inside(task, value)
+            path = path_inside(task, Path(value).expanduser())
             if path is None:
                 problems.append(f"{where}: {kind} '{value}' points outside the task folder {task} "
                                 f"('..', an absolute path elsewhere, or a symlink out); entries must be inside it")
@@ -150,19 +145,29 @@ def read_geometry(path: Path) -> Geometry:
     return Geometry(channels, tuple(size), tuple(spacing), tuple(origin), tuple(direction))
 
 
+def check_files(pairs: list[Pair]) -> None:
+    """Every image and label must read in full: SimpleITK reads a truncated file without error (the missing
+    voxels become zeros), so each is checked by ``predict_guard.check_image``; all bad files at once."""
+    problems = []
+    for pair in pairs:
+        for kind, path, text in (("image", pair.image, pair.image_text), ("label", pair.label, pair.label_text)):
+            problem = check_image(path)
+            if problem:
+                problems.append(f"line {pair.line}: {kind} '{text}' ({path}): {problem}")
+    _raise_all(problems, "image/label files are truncated, corrupt or unreadable",
+               "replace these files, or remove their lines from the data file")
+
+
 def check_geometry(pairs: list[Pair]) -> tuple[int, list[str]]:
     """Size and spacing of image and label must match (errors, all lines at once); origin or direction
-    differences are returned as warnings (nnU-Net's own check warns about them too). Returns the channels."""
+    differences are returned as warnings (nnU-Net's own check warns about them too). Returns the channels.
+    Expects files that passed ``check_files``."""
     import numpy as np
 
     problems, warnings, channels = [], [], {}
     for pair in pairs:
         where = f"line {pair.line} ({pair.image_text}, {pair.label_text})"
-        try:
-            image, label = read_geometry(pair.image), read_geometry(pair.label)
-        except RuntimeError as e:
-            problems.append(f"{where}: unreadable image or label: {str(e).strip().splitlines()[-1]}")
-            continue
+        image, label = read_geometry(pair.image), read_geometry(pair.label)
         if len(image.size) != 3 or len(label.size) != 3 or label.channels != 1:
             problems.append(f"{where}: expected a 3-D image (or 4-D with channels last) and a 3-D single-channel "
                             f"label, got image size {image.size} x {image.channels} channel(s), label size "
@@ -266,12 +271,26 @@ def default_name(task: Path) -> str:
     return match.group(1) if match else task.name
 
 
-def target_folder(output_root: Path, dataset_id: int, name: str, overwrite: bool) -> Path:
+def target_folder(output_root: Path, dataset_id: int, name: str, overwrite: bool,
+                  inputs: tuple[Path, ...] = ()) -> Path:
+    """``output_root/DatasetXXX_Name``, checked: a valid id and name, a folder that can be created, no other
+    dataset with that id, no silent overwrite, and no overlap with ``inputs`` (``--overwrite`` deletes it)."""
     if not 1 <= dataset_id <= 999:
         raise LLMSettingError(f"dataset id {dataset_id} is out of range: nnU-Net ids are 1..999", "-d")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) or ".." in name:
         raise LLMSettingError(f"dataset name '{name}' must be letters, digits, '_', '-' or '.'", "--name")
     target = output_root / f"Dataset{dataset_id:03d}_{name}"
+    blocking = next((p for p in (target, output_root, *output_root.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise LLMSettingError(f"cannot write {target}: {blocking} exists and is not a folder",
+                              "--output-root / nnUNet_raw")
+    resolved = target.resolve()
+    for path in inputs:
+        path = path.resolve()
+        if path == resolved or path in resolved.parents or resolved in path.parents:
+            raise LLMSettingError(f"the dataset folder {target} would be, hold or sit inside the input {path}; "
+                                  "the input would be overwritten or deleted, so write the dataset elsewhere",
+                                  "--output-root / --name / -d")
     others = sorted(p.name for p in output_root.glob(f"Dataset{dataset_id:03d}_*") if p != target) \
         if output_root.is_dir() else []
     if others:
@@ -340,9 +359,10 @@ def convert_datafile(task_folder: str | os.PathLike, dataset_id: int, name: str 
         raise LLMSettingError("no output root: pass --output-root or set nnUNet_raw", "--output-root / nnUNet_raw")
     root = Path(root_value).expanduser().resolve()
     name = name or default_name(task)
-    target = target_folder(root, dataset_id, name, overwrite)
+    target = target_folder(root, dataset_id, name, overwrite, inputs=(task, datafile_path))
 
     pairs = parse_datafile(task, datafile_path)
+    check_files(pairs)
     channels, warnings = check_geometry(pairs)
     for w in warnings[:MAX_LISTED]:
         print(f"convert-datafile: warning: {w}")
