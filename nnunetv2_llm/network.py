@@ -11,7 +11,7 @@ from torch import nn
 from nnunetv2_llm.bottleneck import LLMBottleneckBlock
 from nnunetv2_llm.frozen_layer import FrozenLLMLayer
 from nnunetv2_llm.llm_source import layer_blueprint, read_layer_state_dict
-from nnunetv2_llm.spec import BottleneckSpec, source_available
+from nnunetv2_llm.spec import BottleneckSpec
 
 
 class LLMBottleneckUNet(nn.Module):
@@ -49,19 +49,22 @@ def reuse_layer(spec: BottleneckSpec, state: dict[str, torch.Tensor] | None):
     try:
         yield
     finally:
-        _layers_read.pop(spec.layer_sha256, None)
+        untaken = _layers_read.pop(spec.layer_sha256, None)
+    if untaken is not None:  # the network would hold other weights than the ones read and checksummed
+        raise RuntimeError("nnunetv2_llm: the network build did not take the frozen layer that was read")
 
 
-def build_mixer(spec: BottleneckSpec) -> nn.Module:
-    """The token mixer the spec asks for. For 'pretrained', weights come from ``reuse_layer`` or the source
-    when it is present; otherwise (prediction on another machine) a placeholder of the right shape and dtype
-    is built and the checkpoint's ``network_weights`` fill it."""
+def build_mixer(spec: BottleneckSpec, from_checkpoint: bool = False) -> nn.Module:
+    """The token mixer the spec asks for. For 'pretrained', weights come from ``reuse_layer``; else, with
+    ``from_checkpoint`` (the caller loads a checkpoint's ``network_weights`` next, as nnU-Net's predictor does),
+    a placeholder of the right shape and dtype is built and the source is never read (it may be absent, or
+    hold another model by now); without it, the layer is read from the source."""
     if spec.mixer == "identity":
         return nn.Identity()
     config = spec.hf_config()
     blueprint = layer_blueprint(config)
     state = _layers_read.pop(spec.layer_sha256, None) if spec.mixer == "pretrained" else None
-    if state is None and spec.mixer == "pretrained" and source_available(spec):
+    if state is None and spec.mixer == "pretrained" and not from_checkpoint:
         state = read_layer_state_dict(Path(spec.source), config, spec.layer, blueprint)
     if state is not None:
         mixer = FrozenLLMLayer.from_state_dict(blueprint, config, spec.layer, state)
@@ -83,8 +86,9 @@ def add_lora(mixer: FrozenLLMLayer, rank: int, alpha: int) -> None:
         param.requires_grad_("lora_" in name)
 
 
-def build_llm_unet(spec: BottleneckSpec, unet: nn.Module) -> LLMBottleneckUNet:
-    """Insert the block described by ``spec`` into an already built nnU-Net network."""
+def build_llm_unet(spec: BottleneckSpec, unet: nn.Module, from_checkpoint: bool = False) -> LLMBottleneckUNet:
+    """Insert the block described by ``spec`` into an already built nnU-Net network (``from_checkpoint``: see
+    ``build_mixer``)."""
     channels = unet.encoder.output_channels[-1]
-    block = LLMBottleneckBlock(channels, spec.width, spec.rank, build_mixer(spec))
+    block = LLMBottleneckBlock(channels, spec.width, spec.rank, build_mixer(spec, from_checkpoint))
     return LLMBottleneckUNet(unet, block)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 
@@ -169,10 +168,6 @@ def frozen_layer_sha256(network_state: dict[str, torch.Tensor], dtype: torch.dty
     layer = {k[len(prefix):].replace(".base_layer.", "."): v for k, v in network_state.items()
              if k.startswith(prefix) and "lora_" not in k}
     return state_dict_sha256(layer, dtype)
-
-
-def source_available(spec: BottleneckSpec) -> bool:
-    return Path(spec.source).exists()
 
 
 def _short(value) -> str:

@@ -13,6 +13,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from conftest import save_tiny_model
 from nnunetv2_llm.nnunet_commands import dataset_folder, nnunet_command, run, trainer_fold_dir
 from nnunetv2_llm.spec import FROZEN_PREFIX, PLANS_KEY, BottleneckSpec, frozen_layer_sha256
 
@@ -54,12 +55,13 @@ def test_predict_new_scan_has_input_geometry_and_valid_labels(trained, nnunet_wo
     assert np.allclose(predicted.GetDirection(), source.GetDirection())
     assert set(np.unique(sitk.GetArrayFromImage(predicted))) <= {0, 1, 2}
 
-    # The same model folder on a machine without the LLM source predicts the same segmentation.
+    # The same model folder predicts the same segmentation where the LLM source is gone, or its path now holds
+    # another model: the frozen weights come from the checkpoint, and the source is never read.
     moved_results = tmp_path / "results"
     shutil.copytree(trained.parent.parent, moved_results / trained.parent.parent.name)
     plans_file = moved_results / trained.parent.parent.name / trained.parent.name / "plans.json"
     plans = json.loads(plans_file.read_text())
-    plans[PLANS_KEY]["source"] = str(tmp_path / "no_such_llm.gguf")
+    plans[PLANS_KEY]["source"] = str(save_tiny_model(tmp_path / "another_llm", "llama", hidden_size=96))
     plans_file.write_text(json.dumps(plans))
     _predict({**nnunet_workdir, "nnUNet_results": str(moved_results)}, images, tmp_path / "pred_moved")
     moved = sitk.ReadImage(str(tmp_path / "pred_moved" / "hippocampus_118.nii.gz"))

@@ -137,11 +137,35 @@ def test_rebuild_without_source_then_checkpoint_restores_outputs(spec, tmp_path)
     nn.init.normal_(trained.bottleneck.proj_out.up.weight, std=0.1)
     moved = copy.deepcopy(spec)
     moved.source = str(tmp_path / "gone")
-    rebuilt = build_llm_unet(moved, tiny_unet(3)).eval()
+    rebuilt = build_llm_unet(moved, tiny_unet(3), from_checkpoint=True).eval()
     x = torch.randn(1, 1, 16, 16, 16)
     assert not torch.allclose(rebuilt(x)[0], trained(x)[0])
     rebuilt.load_state_dict(trained.state_dict())
     assert torch.equal(rebuilt(x)[0], trained(x)[0])
+
+
+def test_rebuild_for_a_checkpoint_never_reads_the_source(spec, tmp_path, monkeypatch):
+    """The predictor's build: the source path may now hold another model (here a wider one); it is not read."""
+    from conftest import save_tiny_model
+    from nnunetv2_llm import network
+
+    trained = build_llm_unet(spec, tiny_unet(3)).eval()
+    moved = copy.deepcopy(spec)
+    moved.source = str(save_tiny_model(tmp_path, "llama", hidden_size=96))
+    monkeypatch.setattr(network, "read_layer_state_dict", lambda *a, **k: pytest.fail("the source was read"))
+    rebuilt = build_llm_unet(moved, tiny_unet(3), from_checkpoint=True).eval()
+    rebuilt.load_state_dict(trained.state_dict())
+    x = torch.randn(1, 1, 16, 16, 16)
+    assert torch.equal(rebuilt(x)[0], trained(x)[0])
+
+
+def test_a_build_that_leaves_the_read_layer_untaken_fails(spec):
+    """Training must never run with other frozen weights than the ones read and checksummed."""
+    from nnunetv2_llm.network import reuse_layer
+
+    with pytest.raises(RuntimeError, match="did not take the frozen layer"):
+        with reuse_layer(spec, {"weight": torch.zeros(1)}):
+            pass
 
 
 def test_block_keeps_input_dtype_and_runs_layer_outside_autocast(spec):

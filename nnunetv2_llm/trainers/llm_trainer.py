@@ -89,8 +89,10 @@ class nnUNetTrainerLLM(ReliabilityMixin, nnUNetTrainer):
             num_output_channels,
             allow_init=True,
             deep_supervision=enable_deep_supervision)
+        # Training takes the layer read in __init__ (reuse_layer); everywhere else nnU-Net loads the checkpoint's
+        # network_weights next (the predictor), so the LLM source is not read again.
         with exit_on_setting_error():
-            return build_llm_unet(BottleneckSpec.from_plans(plans_manager.plans), unet)
+            return build_llm_unet(BottleneckSpec.from_plans(plans_manager.plans), unet, from_checkpoint=True)
 
     def configure_optimizers(self):
         """nnU-Net's SGD + poly schedule over the trainable parameters only (the frozen layer is left out)."""
