@@ -17,7 +17,7 @@ setup(
         "gguf>=0.10",
         "SimpleITK",
         "monai>=1.4",
-        "scipy>=1.11",
+        "scipy>=1.15",  # stats.bootstrap(rng=...)
         "pandas",
         "matplotlib",
         "seaborn",

@@ -69,17 +69,23 @@ def test_predict_new_scan_has_input_geometry_and_valid_labels(trained, nnunet_wo
 
 
 def test_trainer_variants_are_found_by_nnunet_lookup(nnunet_workdir):
-    code = ("from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name as f; "
-            "[print('FOUND', f(n).__name__) for n in ('nnUNetTrainerLLM', 'nnUNetTrainerLLM_5epochs', "
-            "'nnUNetTrainerLLMNoLLM_50epochs', 'nnUNetTrainerLLMRandom', 'nnUNetTrainerLLM_LoRA', "
-            "'nnUNetTrainer_frac10', 'nnUNetTrainerLLM_frac30_100epochs')]")
+    """Every documented name resolves; the baseline's variants that nnU-Net does not ship carry ReliabilityMixin."""
+    names = ["nnUNetTrainerLLM", "nnUNetTrainerLLM_5epochs", "nnUNetTrainerLLMNoLLM_50epochs", "nnUNetTrainerLLMRandom",
+             "nnUNetTrainerLLM_LoRA", "nnUNetTrainer_frac10", "nnUNetTrainerLLM_frac30_100epochs",
+             "nnUNetTrainer_2epochs", "nnUNetTrainer_3epochs", "nnUNetTrainer_20epochs_250iters",
+             "nnUNetTrainer_5epochs"]
+    code = ("from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name as f\n"
+            "from nnunetv2_llm.trainers.reliability import ReliabilityMixin\n"
+            f"for n in {names!r}:\n"
+            "    c = f(n); print('FOUND', c.__name__, issubclass(c, ReliabilityMixin))")
     result = subprocess.run([nnunet_command("python"), "-c", code], env={**os.environ, **nnunet_workdir},
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert [line.split()[1] for line in result.stdout.splitlines() if line.startswith("FOUND ")] == ["nnUNetTrainerLLM", "nnUNetTrainerLLM_5epochs",
-                                          "nnUNetTrainerLLMNoLLM_50epochs", "nnUNetTrainerLLMRandom",
-                                          "nnUNetTrainerLLM_LoRA", "nnUNetTrainer_frac10",
-                                          "nnUNetTrainerLLM_frac30_100epochs"]
+    found = {line.split()[1]: line.split()[2] == "True" for line in result.stdout.splitlines()
+             if line.startswith("FOUND ")}
+    assert list(found) == names
+    assert all(found[n] for n in names if n != "nnUNetTrainer_5epochs")
+    assert not found["nnUNetTrainer_5epochs"]  # nnU-Net's own class, found first
 
 
 @pytest.mark.parametrize("plans_name,configuration", [("nnUNetPlans", "2d"), ("nnUNetPlans", "3d_fullres"),

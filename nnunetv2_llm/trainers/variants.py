@@ -2,10 +2,12 @@
 
 Names: ``{trainer}[_frac{P}][_{E}epochs][_{I}iters]``, e.g. ``nnUNetTrainerLLM_frac10_50epochs`` or
 ``nnUNetTrainerLLM_5epochs_25iters``. ``_Xiters`` sets iterations per epoch (nnU-Net: 250) and validation
-iterations to a fifth of that (nnU-Net: 50), for CPU-feasible budgets. nnU-Net's own epoch-only variants of
-the plain ``nnUNetTrainer`` (``nnUNetTrainer_5epochs`` ...) are used as they are, not redefined; the variants
-defined here (the baseline's ``nnUNetTrainer_5epochs_10iters`` too) carry ``ReliabilityMixin`` (checkpoint every
-epoch, atomic writes, checked resume, NaN guard), so every trainer of a comparison resumes the same way.
+iterations to a fifth of that (nnU-Net: 50); ``_250iters`` is nnU-Net's own count. The variants defined here
+(the baseline's ``nnUNetTrainer_2epochs`` and ``nnUNetTrainer_20epochs_250iters`` too) carry ``ReliabilityMixin``
+(checkpoint every epoch, atomic writes, checked resume, NaN guard, ``nnUNet_LLM_SEED``). nnU-Net's own
+``nnUNetTrainer_1epoch``, ``_5epochs``, ``_10epochs``, ``_20epochs`` ... are not redefined (nnU-Net's lookup
+finds its own first) and lack it: for a comparison on equal terms use ``nnUNetTrainer_20epochs_250iters``
+against ``nnUNetTrainerLLM_20epochs_250iters``.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.training.nnUNetTrainer.variants.training_length import nnUNetTrainer_Xepochs as nnunet_epoch_variants
 
 from nnunetv2_llm.trainers.llm_trainer import (
     nnUNetTrainerLLM, nnUNetTrainerLLM_LoRA, nnUNetTrainerLLMNoLLM, nnUNetTrainerLLMRandom,
@@ -22,7 +25,7 @@ from nnunetv2_llm.trainers.reliability import ReliabilityMixin
 FAMILIES = (nnUNetTrainer, nnUNetTrainerLLM, nnUNetTrainerLLMNoLLM, nnUNetTrainerLLMRandom, nnUNetTrainerLLM_LoRA)
 FRACTIONS = (None, 10, 30)
 EPOCHS = (None, 1, 2, 3, 5, 10, 20, 50, 100)
-ITERATIONS = (None, 2, 10, 25, 50)
+ITERATIONS = (None, 2, 10, 25, 50, 250)
 SPLIT_SEED = 12345  # nnU-Net's own split seed
 
 
@@ -79,9 +82,9 @@ def _make_variants() -> dict[str, type]:
                 for iterations in ITERATIONS:
                     if percent is epochs is iterations is None:
                         continue
-                    if family is nnUNetTrainer and percent is None and iterations is None:
-                        continue  # nnU-Net ships these (nnUNetTrainer_5epochs, ...)
                     name = variant_name(family.__name__, percent, epochs, iterations)
+                    if hasattr(nnunet_epoch_variants, name):
+                        continue  # nnU-Net ships it (nnUNetTrainer_5epochs, ...), and its lookup finds nnU-Net's first
                     # The baseline's variants get the same checkpointing, resume checks and NaN guard.
                     bases = ((ExperimentVariantMixin, family) if issubclass(family, ReliabilityMixin)
                              else (ExperimentVariantMixin, ReliabilityMixin, family))
