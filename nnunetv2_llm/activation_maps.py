@@ -407,11 +407,30 @@ def plot_activation_maps(result: ActivationMaps, out: str | os.PathLike, dpi: in
         f"{result.before.shape[0]} ch × {'×'.join(map(str, meta['bottleneck_shape']))} from a "
         f"{'×'.join(map(str, meta['patch_input_shape']))} input, {meta['upsample']} upsampling",
         fontsize=10)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = check_output(out, "-o", figure=True)
     fig.savefig(out, dpi=dpi)
     plt.close(fig)
     return out
+
+
+def check_output(path: str | os.PathLike, setting: str, figure: bool = False) -> Path:
+    """``path`` once its folder exists (created if needed) and is writable, and, for a figure, its extension is a
+    format matplotlib writes; checked before the model runs."""
+    path = Path(path).expanduser()
+    if figure:
+        from matplotlib.backend_bases import FigureCanvasBase
+
+        formats = FigureCanvasBase.get_supported_filetypes()
+        if path.suffix.lower().lstrip(".") not in formats:
+            raise LLMSettingError(f"cannot write a figure to {path}: the name must end in one of "
+                                  f"{', '.join('.' + f for f in sorted(formats))}", setting)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LLMSettingError(f"cannot create the folder of {path}: {e.strerror}", setting) from None
+    if not os.access(path.parent, os.W_OK):
+        raise LLMSettingError(f"cannot write to {path.parent} (no permission)", setting)
+    return path
 
 
 def _in_plane(window: list[tuple[int, int]], axis: int, ndim: int) -> list[tuple[int, int]]:
@@ -448,6 +467,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    check_output(args.output, "-o", figure=True)
+    if args.save_arrays:
+        check_output(args.save_arrays, "--save-arrays")
     result = compute_activation_maps(args.model_folder, args.input, fold=args.fold, checkpoint=args.checkpoint,
                                      device=args.device, slice_axis=args.slice_axis, slice_index=args.slice,
                                      region=args.region, reduction=args.reduce, upsample=args.upsample,

@@ -31,6 +31,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from nnunetv2_llm.nnunet_commands import (
+    check_trainer_names, dataset_folder, find_trainer_class, is_preprocessed, nnunet_dataset_id,
+)
 from nnunetv2_llm.process_memory import current_rss, peak_rss, reset_peak_rss
 from nnunetv2_llm.report_files import write_json_and_markdown
 
@@ -106,12 +109,28 @@ def _prepare_environment(args: argparse.Namespace, trainer_logs: str) -> None:
     # Batches are drawn once, in this process: no augmentation workers competing for the cores while timing.
     os.environ["nnUNet_n_proc_DA"] = "0"
     os.environ["nnUNet_compile"] = "true" if args.compile else "false"
+    if args.iterations < 1:
+        raise LLMSettingError("--iterations must be at least 1", "--iterations")
+    _check_inputs(args)  # before a synthetic LLM source is written
     if args.llm_source:
         os.environ["nnUNet_LLM_SOURCE"] = resolve_synthetic(args.llm_source)
     if args.llm_layer is not None:
         os.environ["nnUNet_LLM_LAYER"] = str(args.llm_layer)
-    if args.iterations < 1:
-        raise LLMSettingError("--iterations must be at least 1", "--iterations")
+
+
+def _check_inputs(args: argparse.Namespace) -> None:
+    """The dataset, its plans and preprocessed data, and every trainer class, checked before anything is measured."""
+    from nnunetv2_llm.errors import LLMSettingError
+
+    dataset_id = nnunet_dataset_id(args.dataset)
+    folder = dataset_folder(os.environ["nnUNet_preprocessed"], dataset_id)
+    if folder is None or not (folder / "dataset.json").is_file() or not is_preprocessed(
+            folder, args.configuration, args.plans):
+        where = folder or f"Dataset{dataset_id:03d}_* in {os.environ['nnUNet_preprocessed']}"
+        raise LLMSettingError(f"{where} is not preprocessed for {args.plans} {args.configuration}: run "
+                              f"nnUNetv2_plan_and_preprocess -d {dataset_id} -c {args.configuration}",
+                              "-d / -c / -p / --preprocessed")
+    check_trainer_names(args.trainers)
 
 
 # ----------------------------------------------------------------------------------------------- building
@@ -149,16 +168,13 @@ def build_trainer(name: str, args: argparse.Namespace, device, quiet: bool = Tru
     import torch
     from batchgenerators.utilities.file_and_folder_operations import join, load_json
     from nnunetv2.paths import nnUNet_preprocessed
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
     torch.manual_seed(0)  # the same U-Net initialisation for every trainer
     sink = io.StringIO()
     with contextlib.redirect_stdout(sink) if quiet else contextlib.nullcontext():
         # nnunetv2.run.run_training.get_trainer_from_args, with a robust class lookup
         trainer_class = find_trainer_class(name)
-        dataset = str(args.dataset)
-        dataset_name = maybe_convert_to_dataset_name(dataset if dataset.startswith("Dataset") else int(dataset))
-        base = join(str(nnUNet_preprocessed), dataset_name)
+        base = str(dataset_folder(str(nnUNet_preprocessed), nnunet_dataset_id(args.dataset)))
         plans = load_json(join(base, args.plans + ".json"))
         plans["continue_training"] = False
         trainer = trainer_class(plans=plans, configuration=args.configuration, fold=args.fold,
@@ -168,25 +184,6 @@ def build_trainer(name: str, args: argparse.Namespace, device, quiet: bool = Tru
     trainer.set_deep_supervision_enabled(True)
     trainer.network.train()
     return trainer
-
-
-def find_trainer_class(name: str):
-    """This package's trainers directly (the classes nnU-Net's nnUNet_extTrainer lookup finds), others through
-    nnU-Net's lookup. That lookup walks sys.modules while reading module attributes, which can import lazily and
-    fail with 'dictionary changed size during iteration' once transformers is imported (seen with Python 3.12):
-    it is retried."""
-    import nnunetv2_llm.trainers as ours
-
-    if isinstance(getattr(ours, name, None), type):
-        return getattr(ours, name)
-    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
-
-    for attempt in range(3):
-        try:
-            return recursive_find_trainer_class_by_name(name)
-        except RuntimeError as e:
-            if "changed size during iteration" not in str(e) or attempt == 2:
-                raise
 
 
 def parameter_counts(network) -> dict:

@@ -48,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     except (LLMSettingError, NnUNetCommandError) as e:
         print(f"nnunetv2_llm: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, LLMSettingError) else 1
+    except OSError as e:  # a file that cannot be read or written: one line naming it, exit 1 (an I/O failure)
+        where = f": {e.filename}" if e.filename else ""
+        print(f"nnunetv2_llm: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ MONAI, nnU-Net, SimpleITK, scipy, seaborn) live inside functions so that ``--hel
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -25,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from nnunetv2_llm.errors import LLMSettingError
+from nnunetv2_llm.nnunet_commands import nnunet_dataset_id
 
 CSV_COLUMNS = [
     "trainer", "fold", "case", "label", "label_name", "dice", "nsd", "hd95", "ref_empty", "pred_empty", "paired"
@@ -88,7 +88,7 @@ def compare(
             gt_path = gt_dir / pred_path.name
             if not gt_path.is_file():
                 raise CompareError(
-                    f"ground truth {gt_path} is missing; run nnUNetv2_plan_and_preprocess -d {_id(name)}"
+                    f"ground truth {gt_path} is missing; run nnUNetv2_plan_and_preprocess -d {nnunet_dataset_id(name)}"
                 )
             tasks.append((trainer, fold, case, pred_path, gt_path, list(labels), ignore_label, nsd_tolerance_mm))
     df = pd.DataFrame([row for rows in _map(_evaluate_case, tasks, workers) for row in rows])
@@ -152,9 +152,9 @@ def main(args: argparse.Namespace) -> int:
 def _parse_tolerance(values: Sequence[str] | None) -> float | dict[int, float] | None:
     if not values:
         return None
-    if len(values) == 1 and "=" not in values[0]:
-        return float(values[0])
     try:
+        if len(values) == 1 and "=" not in values[0]:
+            return float(values[0])
         return {int(label): float(mm) for label, mm in (v.split("=") for v in values)}
     except ValueError:
         raise CompareError(f"--nsd-tolerance-mm: give one number or LABEL=MM pairs, got {' '.join(values)}") from None
@@ -171,20 +171,18 @@ def _root(given: Path | None, env: str) -> Path:
         raise CompareError(f"{env} is not set: export {env}=/path/to/{env} (see nnU-Net's setting_up_paths.md)") from e
 
 
-def _id(dataset_name: str) -> int:
-    return int(dataset_name[len("Dataset"):][:3])
-
-
 def _command_prefix(dataset_name: str, configuration: str, plans: str) -> str:
     plans_arg = "" if plans == "nnUNetPlans" else f" -p {plans}"
-    return f"nnUNetv2_train {_id(dataset_name)} {configuration} {{fold}} -tr {{trainer}}{plans_arg}"
+    return f"nnUNetv2_train {nnunet_dataset_id(dataset_name)} {configuration} {{fold}} -tr {{trainer}}{plans_arg}"
 
 
 def _dataset_json(trainer_dirs: Mapping[str, Path], preprocessed: Path) -> dict:
+    from nnunetv2_llm.dataset_checks import _load_dataset_json  # a one-line error for unreadable JSON
+
     candidates = [d / "dataset.json" for d in trainer_dirs.values()] + [preprocessed / "dataset.json"]
     for path in candidates:
         if path.is_file():
-            return json.loads(path.read_text())
+            return _load_dataset_json(path.parent)
     raise CompareError(f"no dataset.json found; looked at {', '.join(map(str, candidates))}")
 
 

@@ -14,7 +14,7 @@ from typing import Sequence
 
 from nnunetv2_llm.errors import LLMSettingError
 from nnunetv2_llm.nnunet_commands import (
-    dataset_folder, ensure_preprocessed, ensure_trained, nnunet_dataset_id, trainer_fold_dir,
+    check_trainer_names, dataset_folder, ensure_preprocessed, ensure_trained, nnunet_dataset_id, trainer_fold_dir,
 )
 
 
@@ -31,7 +31,7 @@ def require_nnunet_env() -> dict[str, str]:
 
 def prepare_dataset(dataset_id: int, configuration: str, plans: str, env: dict[str, str]) -> None:
     """Check the raw dataset, then plan and preprocess unless done."""
-    from nnunetv2_llm.dataset_checks import check_dataset_json_paths, check_raw_dataset
+    from nnunetv2_llm.dataset_checks import check_raw_dataset
 
     raw = dataset_folder(env["nnUNet_raw"], dataset_id)
     if raw is None:
@@ -39,8 +39,7 @@ def prepare_dataset(dataset_id: int, configuration: str, plans: str, env: dict[s
             f"no Dataset{dataset_id:03d}_* folder in nnUNet_raw ({env['nnUNet_raw']}): convert an MSD task with "
             "`nnUNetv2_convert_MSD_dataset -i TaskXX_Name` or a MedVisionLlama folder with "
             "`nnunetv2_llm convert-datafile`", "-d / nnUNet_raw")
-    check_raw_dataset(raw)
-    check_dataset_json_paths(raw)
+    check_raw_dataset(raw)  # also checks the paths dataset.json names
     ensure_preprocessed(dataset_id, configuration, env, plans)
 
 
@@ -69,6 +68,7 @@ def head_to_head(dataset: str | int, configuration: str, trainers: Sequence[str]
 
     env = require_nnunet_env()
     dataset_id = nnunet_dataset_id(dataset)
+    check_trainer_names(trainers)  # a misspelt name would fail only when its turn to train comes
     prepare_dataset(dataset_id, configuration, plans, env)
     train_all(dataset_id, configuration, trainers, [str(f) for f in folds], env, device, plans)
     return compare(dataset_folder(env["nnUNet_raw"], dataset_id).name, configuration, trainers, folds, output_dir,

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from nnunetv2_llm.environment import nnunet_env
@@ -38,6 +41,46 @@ def nnunet_dataset_id(dataset: str | int) -> int:
     if not digits.isdigit():
         raise LLMSettingError(f"dataset '{dataset}' is neither an id nor a DatasetXXX_Name", "-d")
     return int(digits)
+
+
+def find_trainer_class(name: str) -> type:
+    """This package's trainers directly (the classes nnU-Net's nnUNet_extTrainer lookup finds), others through
+    nnU-Net's lookup. That lookup walks sys.modules while reading module attributes, which can import lazily and
+    fail with 'dictionary changed size during iteration' once transformers is imported (seen with Python 3.12):
+    it is retried."""
+    import nnunetv2_llm.trainers as ours
+
+    if isinstance(getattr(ours, name, None), type):
+        return getattr(ours, name)
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    for attempt in range(3):
+        try:
+            return recursive_find_trainer_class_by_name(name)
+        except RuntimeError as e:
+            if "changed size during iteration" not in str(e) or attempt == 2:
+                raise
+
+
+def check_trainer_names(names: Sequence[str], setting: str = "-tr") -> None:
+    """LLMSettingError naming every name that is not an nnU-Net trainer class ``find_trainer_class`` finds
+    (nnU-Net's own trainers, this package's and those under ``$nnUNet_extTrainer``)."""
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    from nnunetv2_llm.errors import LLMSettingError
+
+    unknown = []
+    with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net narrates its search
+        for name in dict.fromkeys(names):
+            try:
+                if not issubclass(find_trainer_class(name), nnUNetTrainer):
+                    unknown.append(name)
+            except (RuntimeError, AssertionError):  # not found; found but not a trainer (nnU-Net asserts)
+                unknown.append(name)
+    if unknown:
+        raise LLMSettingError(f"no nnU-Net trainer class named {', '.join(unknown)} (looked in nnU-Net, "
+                              f"nnunetv2_llm and nnUNet_extTrainer={os.environ.get('nnUNet_extTrainer', '')!r}); "
+                              "check the spelling", setting)
 
 
 def dataset_folder(root: str, dataset_id: int) -> Path | None:

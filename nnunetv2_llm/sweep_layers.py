@@ -15,7 +15,7 @@ from typing import Sequence
 from nnunetv2_llm.errors import LLMSettingError
 from nnunetv2_llm.head_to_head import prepare_dataset, require_nnunet_env, train_all
 from nnunetv2_llm.llm_source import ENV_LAYER, ENV_SOURCE
-from nnunetv2_llm.nnunet_commands import dataset_folder, nnunet_dataset_id
+from nnunetv2_llm.nnunet_commands import check_trainer_names, dataset_folder, nnunet_dataset_id
 
 
 def layer_label(trainer: str, layer: int) -> str:
@@ -29,6 +29,7 @@ def sweep_layers(dataset: str | int, configuration: str, trainer: str, layers: S
     from nnunetv2.utilities.file_path_utilities import convert_trainer_plans_config_to_identifier as folder_name
 
     from nnunetv2_llm.compare import compare
+    from nnunetv2_llm.spec import make_spec
 
     if len(layers) + (reference is not None) < 2:
         raise LLMSettingError("give at least two layers, or one layer and --reference", "--layers")
@@ -36,6 +37,11 @@ def sweep_layers(dataset: str | int, configuration: str, trainer: str, layers: S
     if llm_source:
         env[ENV_SOURCE] = llm_source
     dataset_id = nnunet_dataset_id(dataset)
+    check_trainer_names([trainer])
+    if reference is not None:
+        check_trainer_names([reference], "--reference")
+    for layer in layers:  # source and layer index, from the config (no weights read), as the trainer will see them
+        make_spec("random", source=llm_source, layer=layer, layer_setting="--layers")
     prepare_dataset(dataset_id, configuration, plans, env)
     name = dataset_folder(env["nnUNet_raw"], dataset_id).name
     output_dir = Path(output_dir).resolve()

@@ -235,3 +235,37 @@ def test_command_line_error_is_one_line_exit_2(capsys):
     assert cli.main(["compare", "-d", "4", "-tr", REF, REF, "-f", "0"]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and err[0].startswith("nnunetv2_llm: error: give at least two distinct trainers"), err
+
+
+def test_command_line_rejects_a_tolerance_that_is_not_a_number(capsys):
+    from nnunetv2_llm import cli
+
+    assert cli.main(["compare", "-d", "4", "-tr", REF, LLM, "--nsd-tolerance-mm", "abc"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert err == ["nnunetv2_llm: error: --nsd-tolerance-mm: give one number or LABEL=MM pairs, got abc"]
+
+
+def test_corrupt_dataset_json_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
+    from nnunetv2_llm import cli
+
+    trainer_dir = tmp_path / "results" / DATASET / f"{REF}__nnUNetPlans__3d_fullres"
+    trainer_dir.mkdir(parents=True)
+    (trainer_dir / "dataset.json").write_text('{"labels": ')
+    for name in ("results", "preprocessed"):
+        monkeypatch.setenv(f"nnUNet_{name}", str(tmp_path / name))
+    assert cli.main(["compare", "-d", DATASET, "-tr", REF, LLM, "-f", "0"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and f"{trainer_dir / 'dataset.json'} is not readable JSON" in err[0], err
+
+
+def test_unwritable_output_folder_is_one_line_exit_1(layout, tmp_path, monkeypatch, capsys):
+    """An OSError (here: the output folder's parent is a file) is one line naming the path, exit 1."""
+    from nnunetv2_llm import cli
+
+    for name in ("raw", "results", "preprocessed"):
+        monkeypatch.setenv(f"nnUNet_{name}", str(layout["root"] / name))
+    (tmp_path / "a_file").touch()
+    out = tmp_path / "a_file" / "out"
+    assert cli.main(["compare", "-d", "4", "-tr", REF, LLM, "-f", "0", "-o", str(out), "--workers", "1"]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert err == [f"nnunetv2_llm: error: Not a directory: {out}"]
