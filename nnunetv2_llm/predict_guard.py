@@ -40,7 +40,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-device", default="cuda", choices=("cuda", "cpu", "mps"), help="default: cuda")
     parser.add_argument("-npp", type=int, default=None, help="preprocessing processes (nnUNetv2_predict's -npp)")
     parser.add_argument("-nps", type=int, default=None, help="export processes (nnUNetv2_predict's -nps)")
+    parser.add_argument("-step_size", type=float, default=None,
+                        help="sliding-window step as a fraction of the patch, 0 < s <= 1 (nnU-Net's default 0.5)")
+    parser.add_argument("-prev_stage_predictions", default=None,
+                        help="folder with the previous stage's predictions (3d_cascade_fullres)")
+    parser.add_argument("-num_parts", type=int, default=1, help="split the cases into this many parts (default 1)")
+    parser.add_argument("-part_id", type=int, default=0, help="which part this call predicts, 0 .. num_parts-1")
     parser.add_argument("--disable_tta", action="store_true", help="no mirroring at test time")
+    parser.add_argument("--disable_progress_bar", action="store_true", help="no progress bar")
     parser.add_argument("--save_probabilities", action="store_true", help="also export probabilities")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--overwrite", action="store_true", help="replace predictions already in the output folder")
@@ -243,10 +250,23 @@ def check_model(folder: Path, folds: list[str], checkpoint_name: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------- main
+def check_run_options(args: argparse.Namespace) -> None:
+    """Step size, parts and the cascade's previous-stage folder, before nnU-Net starts."""
+    if args.step_size is not None and not 0 < args.step_size <= 1:
+        raise LLMSettingError(f"-step_size {args.step_size} must be in (0, 1]", "-step_size")
+    if args.num_parts < 1 or not 0 <= args.part_id < args.num_parts:
+        raise LLMSettingError(f"-part_id {args.part_id} must be in 0 .. num_parts-1 (num_parts {args.num_parts})",
+                              "-num_parts / -part_id")
+    if args.prev_stage_predictions is not None and not Path(args.prev_stage_predictions).expanduser().is_dir():
+        raise LLMSettingError(f"previous-stage predictions folder '{args.prev_stage_predictions}' does not exist",
+                              "-prev_stage_predictions")
+
+
 def predict(args: argparse.Namespace) -> int:
     from nnunetv2_llm.environment import nnunet_env
     from nnunetv2_llm.nnunet_commands import run
 
+    check_run_options(args)
     inputs, output = Path(args.i).expanduser(), Path(args.o).expanduser()
     try:
         model = model_folder_of(str(args.d), args.tr, args.p, args.c)
@@ -275,8 +295,16 @@ def predict(args: argparse.Namespace) -> int:
         command += ["-npp", str(args.npp)]
     if args.nps is not None:
         command += ["-nps", str(args.nps)]
+    if args.step_size is not None:
+        command += ["-step_size", str(args.step_size)]
+    if args.prev_stage_predictions is not None:
+        command += ["-prev_stage_predictions", str(Path(args.prev_stage_predictions).expanduser())]
+    if args.num_parts != 1:
+        command += ["-num_parts", str(args.num_parts), "-part_id", str(args.part_id)]
     if args.disable_tta:
         command.append("--disable_tta")
+    if args.disable_progress_bar:
+        command.append("--disable_progress_bar")
     if args.save_probabilities:
         command.append("--save_probabilities")
     if args.continue_prediction:

@@ -393,3 +393,15 @@ def test_plans_block_written_by_to_plans_reads_back(tiny_llama):
     from nnunetv2_llm.spec import BottleneckSpec
 
     assert BottleneckSpec(**again).differences(spec) == []  # JSON round trip (int dict keys) is not a change
+
+
+@pytest.mark.parametrize("extra,expected", [
+    (["-step_size", "0"], "-step_size 0.0 must be in (0, 1]"),
+    (["-num_parts", "2", "-part_id", "2"], "-part_id 2 must be in 0 .. num_parts-1"),
+    (["-prev_stage_predictions", "no_such_folder"], "previous-stage predictions folder 'no_such_folder' does not exist"),
+])
+def test_predict_checks_nnunet_run_options_first(capsys, tmp_path, image_folder, monkeypatch, extra, expected):
+    """nnUNetv2_predict's sliding-window, parts and cascade options are taken (not misparsed) and checked."""
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "no_results"))
+    line = cli_error(capsys, *predict_args(image_folder, tmp_path / "out", *extra))
+    assert expected in line
