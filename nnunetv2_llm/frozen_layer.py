@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nnunetv2_llm.llm_source import LayerBlueprint, instantiate_layer
+from nnunetv2_llm.llm_source import LayerBlueprint, instantiate_layer, storage_dtype
 from nnunetv2_llm.onednn_linear import use_onednn_linears
 
 ATTENTION_NAME = "nnunetv2_llm_bidirectional_sdpa"
@@ -106,8 +106,9 @@ class FrozenLLMLayer(nn.Module):
     @classmethod
     def from_state_dict(cls, blueprint: LayerBlueprint, config, index: int,
                         state_dict: dict[str, torch.Tensor]) -> "FrozenLLMLayer":
-        """Build the layer on the meta device and assign the loaded tensors (no second copy)."""
-        dtype = weights_dtype(next(iter(state_dict.values())).dtype)
+        """Build the layer on the meta device and assign the loaded tensors (no second copy), all in the
+        ``weights_dtype`` of the layer's ``storage_dtype``."""
+        dtype = weights_dtype(storage_dtype(state_dict))
         layer = instantiate_layer(blueprint, config, index, "meta")
         layer.load_state_dict({k: v.to(dtype) for k, v in state_dict.items()}, strict=True, assign=True)
         return cls(layer, _rotary(blueprint, config))

@@ -274,24 +274,40 @@ def _layer_key_pattern(list_name: str, index: int) -> re.Pattern:
     return re.compile(rf"^(?:.*\.)?{list_name}\.{index}\.(.+)$")
 
 
+def storage_dtype(tensors: dict[str, torch.Tensor]) -> torch.dtype:
+    """The one rule for a layer's storage dtype: the dtype of its largest tensor (most elements: a linear weight),
+    so that norms kept in float32 beside bfloat16 linears do not upcast the layer, whatever the key order (ties go to
+    the first key in sorted order). ``tensors``: a layer's state dict, any shapes; meta tensors (shape and dtype
+    only, no data) work too."""
+    return max(sorted(tensors.items()), key=lambda item: item[1].numel())[1].dtype
+
+
 def layer_storage_dtype(source: Path, config, index: int, blueprint: LayerBlueprint) -> torch.dtype:
-    """The dtype layer ``index`` reads as (its first tensor's, as ``read_layer_state_dict`` returns them), without
-    reading its weights where the format allows: GGUF layers are de-quantised to float32, safetensors headers name
-    the dtype. For the controls (no-LLM, random layer), which need the dtype but not the weights."""
+    """``storage_dtype`` of layer ``index`` as ``read_layer_state_dict`` returns it, without reading its weights where
+    the format allows: GGUF layers are de-quantised to float32, safetensors headers give each tensor's shape and dtype
+    (in every shard holding the layer). For the controls (no-LLM, random layer), which need the dtype but not the
+    weights."""
     fmt = source_format(source)
     if fmt == "gguf":
         return torch.float32
     if fmt == "pickle":
-        return next(iter(_read_pickle_layer(source, index, blueprint.layer_list_name).values())).dtype
-    from safetensors import safe_open
+        tensors = _read_pickle_layer(source, index, blueprint.layer_list_name)
+    else:
+        from safetensors import safe_open
 
-    with _safetensors_errors(source, index):
-        shards = _safetensors_layer_keys(source, index, blueprint.layer_list_name)
-        if not shards:
-            raise LLMSettingError(f"'{source}' holds no tensors of layer {index}", ENV_SOURCE)
-        shard, keys = next(iter(shards.items()))
-        with safe_open(shard, framework="pt") as f:
-            return f.get_slice(keys[0][0])[0:0].dtype  # an empty slice: the header's dtype, no data read
+        tensors = {}  # key relative to the layer -> a meta tensor of the stored shape and dtype
+        with _safetensors_errors(source, index):
+            for shard, keys in _safetensors_layer_keys(source, index, blueprint.layer_list_name).items():
+                with safe_open(shard, framework="pt") as f:
+                    for key, local in keys:
+                        stored = f.get_slice(key)
+                        shape = stored.get_shape()
+                        # an empty slice gives the header's dtype, no data read (a scalar: its one element)
+                        dtype = (stored[0:0] if shape else stored[()]).dtype
+                        tensors[local] = torch.empty(shape, dtype=dtype, device="meta")
+    if not tensors:
+        raise LLMSettingError(f"'{source}' holds no tensors of layer {index}", ENV_SOURCE)
+    return storage_dtype(tensors)
 
 
 @contextlib.contextmanager

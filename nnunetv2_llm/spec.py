@@ -16,7 +16,7 @@ import torch
 from nnunetv2_llm.errors import LLMSettingError, setting_names
 from nnunetv2_llm.llm_source import (
     ENV_LAYER, ENV_SOURCE, layer_blueprint, layer_storage_dtype, load_config, one_source_parse,
-    read_layer_state_dict, resolve_layer_index, resolve_source, source_format,
+    read_layer_state_dict, resolve_layer_index, resolve_source, source_format, storage_dtype,
 )
 
 PLANS_KEY = "nnunetv2_llm"
@@ -135,7 +135,7 @@ def _make_spec(mixer: str, source, layer, rank: int, lora_rank: int, lora_alpha:
         blueprint = layer_blueprint(config)
         if mixer == "pretrained":
             state = read_layer_state_dict(path, config, index, blueprint)
-            source_dtype = next(iter(state.values())).dtype
+            source_dtype = storage_dtype(state)
         else:  # the controls use no pre-trained weights: only the dtype they are stored in
             state, source_dtype = None, layer_storage_dtype(path, config, index, blueprint)
     from nnunetv2_llm.frozen_layer import weights_dtype
