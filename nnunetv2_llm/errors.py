@@ -21,16 +21,6 @@ class LLMSettingError(Exception):
         super().__init__(f"{message} (fix: {setting})" if setting else message)
 
 
-class TrainingAborted(Exception):
-    """Training cannot go on (e.g. the loss stays NaN); the message says why and how to resume.
-
-    ``exit_code`` is what the process exits with (3: numerical failure, 1: I/O failure)."""
-
-    def __init__(self, message: str, exit_code: int = 3):
-        self.exit_code = exit_code
-        super().__init__(message)
-
-
 @contextmanager
 def setting_names(**aliases: str) -> Iterator[None]:
     """Within this block, errors about ``setting`` name ``aliases[setting]`` instead, e.g.
@@ -44,8 +34,7 @@ def setting_names(**aliases: str) -> Iterator[None]:
 
 @contextmanager
 def exit_on_setting_error(prefix: str = "nnunetv2_llm") -> Iterator[None]:
-    """Turn an LLMSettingError into a one-line message and exit code 2 (a TrainingAborted into its own exit
-    code) instead of a traceback.
+    """Turn an LLMSettingError into a one-line message and exit code 2 instead of a traceback.
 
     Used where nnU-Net's own entry points (nnUNetv2_train, nnUNetv2_predict) call our code.
     """
@@ -54,6 +43,3 @@ def exit_on_setting_error(prefix: str = "nnunetv2_llm") -> Iterator[None]:
     except LLMSettingError as e:
         print(f"{prefix}: error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
-    except TrainingAborted as e:
-        print(f"{prefix}: error: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(e.exit_code) from None

@@ -47,7 +47,7 @@ import torch
 from torch import autocast
 from torch import distributed as dist
 
-from nnunetv2_llm.errors import LLMSettingError, TrainingAborted  # noqa: F401 (re-exported)
+from nnunetv2_llm.errors import LLMSettingError
 from nnunetv2_llm.llm_source import ENV_ALLOW_PICKLE, pickle_allowed
 
 ENV_SEED = "nnUNet_LLM_SEED"
@@ -656,5 +656,5 @@ def _atomic_json_in_nnunet_trainer():
         module.save_json = original
 
 
-__all__ = ["ReliabilityMixin", "TrainingAborted", "atomic_torch_save", "atomic_save_json", "load_checkpoint_file",
+__all__ = ["ReliabilityMixin", "atomic_torch_save", "atomic_save_json", "load_checkpoint_file",
            "state_fingerprints", "tree_sha256", "all_ranks_true", "seed_everything", "CheckpointUnreadable"]
