@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from nnunetv2_llm.cpu_threads import all_threads
 from nnunetv2_llm.llm_source import LayerBlueprint, instantiate_layer, storage_dtype
 from nnunetv2_llm.onednn_linear import use_onednn_linears
 
@@ -44,8 +45,9 @@ def bidirectional_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor
             value = _repeat_kv(value, groups)
         else:
             extra["enable_gqa"] = True
-    out = torch.nn.functional.scaled_dot_product_attention(
-        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, is_causal=False, **extra)
+    with all_threads():
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, is_causal=False, **extra)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from nnunetv2_llm.cpu_threads import all_threads
+
 
 class OneDNNLinear(nn.Linear):
     """x: (..., in_features) -> (..., out_features), as ``nn.Linear``."""
@@ -32,7 +34,8 @@ class OneDNNLinear(nn.Linear):
         # layout, so its output permuted back is (M, out) row-major again
         pixels = x.reshape(1, -1, 1, self.in_features).permute(0, 3, 1, 2)
         weight = self.weight.view(self.out_features, self.in_features, 1, 1)
-        out = torch.mkldnn_convolution(pixels, weight, self.bias, [0, 0], [1, 1], [1, 1], 1)
+        with all_threads():
+            out = torch.mkldnn_convolution(pixels, weight, self.bias, [0, 0], [1, 1], [1, 1], 1)
         return out.permute(0, 2, 3, 1).reshape(*lead, self.out_features)
 
 
