@@ -20,10 +20,16 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from nnunetv2_llm.errors import LLMSettingError
+
+if TYPE_CHECKING:  # torch is imported where it is used: the command line starts without it
+    import torch
+
+    from nnunetv2_llm.bottleneck import LLMBottleneckBlock
 
 REDUCTIONS = ("mean-abs", "l2")
 
@@ -111,7 +117,7 @@ def load_predictor(model_folder: str | os.PathLike, fold: str = "0", checkpoint:
     return predictor
 
 
-def bottleneck_of(network):
+def bottleneck_of(network: torch.nn.Module) -> LLMBottleneckBlock:
     """The LLMBottleneckBlock of a (possibly torch.compile'd) network."""
     from nnunetv2_llm.bottleneck import LLMBottleneckBlock
 
@@ -122,7 +128,7 @@ def bottleneck_of(network):
     return block
 
 
-def capture_bottleneck(network, x):
+def capture_bottleneck(network: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run ``network`` on x (B, C, *patch) once; returns (block input, block output, logits), all on CPU float32."""
     import torch
 

@@ -30,12 +30,18 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from nnunetv2_llm.nnunet_commands import (
     check_trainer_names, dataset_folder, find_trainer_class, is_preprocessed, nnunet_dataset_id,
 )
 from nnunetv2_llm.process_memory import current_rss, peak_rss, reset_peak_rss
 from nnunetv2_llm.report_files import write_json_and_markdown
+
+if TYPE_CHECKING:  # torch and nnU-Net are imported after the environment is set (OpenMP reads it once)
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 DEFAULT_TRAINERS = ("nnUNetTrainer", "nnUNetTrainerLLM", "nnUNetTrainerLLMNoLLM")
 STEP_RATIO_TARGET = 1.05
@@ -160,7 +166,7 @@ def _configure_torch(device) -> None:
         cudnn.benchmark = True
 
 
-def build_trainer(name: str, args: argparse.Namespace, device, quiet: bool = True):
+def build_trainer(name: str, args: argparse.Namespace, device: torch.device, quiet: bool = True) -> nnUNetTrainer:
     """The trainer as ``nnUNetv2_train`` builds it, initialised (network, optimizer, loss)."""
     import contextlib
     import io
@@ -320,7 +326,7 @@ def inference_cases(trainer, n: int) -> dict:
     return cases
 
 
-def make_predictor(trainer, name: str, device, mirroring: bool):
+def make_predictor(trainer: nnUNetTrainer, name: str, device: torch.device, mirroring: bool) -> nnUNetPredictor:
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
     predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=mirroring,
@@ -687,8 +693,9 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     return results
 
 
-def assemble(names, baseline, env, plan, llm, params, training, inference_times, case_info, flops, rates, memory,
-             args) -> dict:
+def assemble(names: list[str], baseline: str, env: dict, plan: dict, llm: dict, params: dict, training: dict,
+             inference_times: dict[str, list[float]], case_info: dict[str, list[int]], flops: dict, rates: dict,
+             memory: dict, args: argparse.Namespace) -> dict:
     """All numbers, with ratios to the baseline computed from the medians stored beside them."""
     step = {n: _stats(training["times"][n]) for n in names}
     inf = {n: _stats(inference_times.get(n, [])) for n in names}

@@ -188,6 +188,9 @@ def _dataset_json(trainer_dirs: Mapping[str, Path], preprocessed: Path) -> dict:
 
 def _labels(dataset_json: dict) -> tuple[dict[int, str], int | None]:
     """Foreground ``{value: name}`` and the ignore label value (or None) from dataset.json."""
+    if not isinstance(dataset_json.get("labels"), dict):
+        raise CompareError("dataset.json has no 'labels' mapping (nnU-Net's {name: value}); use the dataset's own "
+                           "dataset.json from nnUNet_raw or nnUNet_preprocessed")
     raw = {name: value for name, value in dataset_json["labels"].items() if name != "background"}
     ignore = raw.pop("ignore", None)
     if any(not isinstance(v, int) for v in raw.values()):

@@ -21,11 +21,15 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from nnunetv2_llm.errors import LLMSettingError
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 ENV_SOURCE = "nnUNet_LLM_SOURCE"
 ENV_LAYER = "nnUNet_LLM_LAYER"
@@ -116,7 +120,7 @@ def source_format(source: Path) -> str:
     raise LLMSettingError(f"'{source}' has no *.safetensors weights; convert the model to safetensors", ENV_SOURCE)
 
 
-def load_config(source: Path):
+def load_config(source: Path) -> PretrainedConfig:
     """Read the model's ``PretrainedConfig`` from local files only, without running remote code.
 
     A folder's ``config.json`` is parsed here and handed to the config class of its (whitelisted)

@@ -28,7 +28,9 @@ class LLMBottleneckUNet(nn.Module):
         self.decoder = unet.decoder
         self.bottleneck = bottleneck
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        """x (B, C_in, *patch) -> logits (B, classes, *patch), or with deep supervision one per decoder stage,
+        full resolution first (as nnU-Net's network)."""
         skips = self.encoder(x)
         return self.decoder([*skips[:-1], self.bottleneck(skips[-1])])
 

@@ -269,3 +269,10 @@ def test_unwritable_output_folder_is_one_line_exit_1(layout, tmp_path, monkeypat
     assert cli.main(["compare", "-d", "4", "-tr", REF, LLM, "-f", "0", "-o", str(out), "--workers", "1"]) == 1
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert err == [f"nnunetv2_llm: error: Not a directory: {out}"]
+
+
+def test_dataset_json_without_labels_is_one_clear_error():
+    from nnunetv2_llm.compare import CompareError, _labels
+
+    with pytest.raises(CompareError, match="no 'labels' mapping"):
+        _labels({"channel_names": {"0": "MRI"}})

@@ -43,7 +43,7 @@ class nnUNetTrainerLLM(ReliabilityMixin, nnUNetTrainer):
             f"layer_sha256={spec.layer_sha256 or '-'}",
             also_print_to_console=True)
 
-    def initialize(self):
+    def initialize(self) -> None:
         """nnU-Net's initialize; the network takes the frozen layer read in ``__init__`` (one read per process)."""
         with reuse_layer(self.llm_spec, self._layer_read):
             super().initialize()
@@ -94,7 +94,7 @@ class nnUNetTrainerLLM(ReliabilityMixin, nnUNetTrainer):
         with exit_on_setting_error():
             return build_llm_unet(BottleneckSpec.from_plans(plans_manager.plans), unet, from_checkpoint=True)
 
-    def configure_optimizers(self):
+    def configure_optimizers(self) -> tuple[torch.optim.Optimizer, PolyLRScheduler]:
         """nnU-Net's SGD + poly schedule over the trainable parameters only (the frozen layer is left out)."""
         trainable = [p for p in self.network.parameters() if p.requires_grad]
         optimizer = torch.optim.SGD(trainable, self.initial_lr, weight_decay=self.weight_decay,

@@ -306,7 +306,7 @@ class ReliabilityMixin:
         return "run the same nnUNetv2_train command with --c to continue from the latest checkpoint"
 
     # ---- seeding
-    def initialize(self):
+    def initialize(self) -> None:
         if self.llm_seed is not None and not self.was_initialized:
             seed_everything(self.llm_seed)
         return super().initialize()
@@ -569,9 +569,10 @@ class ReliabilityMixin:
                                f"{self._nonfinite_in_a_row} in a row). Likely cause: {cause}")
         return {"loss": np.array(np.nan, dtype=np.float32)}
 
-    def diagnose_nonfinite(self, data: torch.Tensor, target) -> str:
+    def diagnose_nonfinite(self, data: torch.Tensor, target: torch.Tensor | list[torch.Tensor]) -> str:
         """The most likely reason for a non-finite loss, found by looking at the batch, the weights and an
-        float32 forward pass through the U-Net encoder and the LLM block."""
+        float32 forward pass through the U-Net encoder and the LLM block. data (B, C, *patch); target (B, 1, *patch),
+        or one per deep-supervision scale."""
         if not _finite(data):
             return ("the input batch holds NaN/Inf values: a preprocessed case (or its raw image) is corrupt; "
                     "re-run nnUNetv2_plan_and_preprocess and check the images")
