@@ -177,12 +177,12 @@ def _command_prefix(dataset_name: str, configuration: str, plans: str) -> str:
 
 
 def _dataset_json(trainer_dirs: Mapping[str, Path], preprocessed: Path) -> dict:
-    from nnunetv2_llm.dataset_checks import _load_dataset_json  # a one-line error for unreadable JSON
+    from nnunetv2_llm.dataset_checks import load_dataset_json
 
     candidates = [d / "dataset.json" for d in trainer_dirs.values()] + [preprocessed / "dataset.json"]
     for path in candidates:
         if path.is_file():
-            return _load_dataset_json(path.parent)
+            return load_dataset_json(path.parent)
     raise CompareError(f"no dataset.json found; looked at {', '.join(map(str, candidates))}")
 
 

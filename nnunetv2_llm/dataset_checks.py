@@ -20,7 +20,8 @@ REQUIRED_KEYS = ("channel_names", "labels", "file_ending", "numTraining")
 _CHANNEL_SUFFIX = re.compile(r"_\d{4}$")
 
 
-def _load_dataset_json(folder: Path) -> dict:
+def load_dataset_json(folder: Path) -> dict:
+    """``folder/dataset.json`` as a dict; unreadable or non-object JSON is an LLMSettingError naming the file."""
     path = folder / "dataset.json"
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -58,7 +59,7 @@ def check_raw_dataset(folder: str | os.PathLike) -> None:
             raise LLMSettingError(f"{folder} is not an nnU-Net v2 raw dataset: {convert_hint}", "the dataset folder")
         raise LLMSettingError(f"{folder} is not an nnU-Net v2 raw dataset: it has no dataset.json "
                               "(needed keys: channel_names, labels, numTraining, file_ending)", "dataset.json")
-    data = _load_dataset_json(folder)
+    data = load_dataset_json(folder)
 
     if _looks_like_msd(data):
         raise LLMSettingError(
@@ -186,7 +187,7 @@ def check_dataset_json_paths(folder: str | os.PathLike) -> None:
     folder = Path(folder).expanduser()
     if not (folder / "dataset.json").is_file():
         return
-    data = _load_dataset_json(folder)
+    data = load_dataset_json(folder)
     bad = []
     for where, value in _dataset_json_entries(data):
         if not isinstance(value, str) or not value.strip():
