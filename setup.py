@@ -10,7 +10,7 @@ setup(
     python_requires=">=3.10",
     install_requires=[
         "nnunetv2==2.8.1",
-        "torch>=2.3",
+        "torch>=2.6,!=2.9.*",  # transformers 5 disables itself below 2.6; nnU-Net excludes 2.9
         "transformers>=5.0",
         "peft>=0.13",
         "safetensors>=0.4",

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
@@ -13,7 +11,7 @@ from nnunetv2_llm.cpu_threads import elementwise_on_one_thread
 class LowRankProjection(nn.Module):
     """LoRA-style factorised linear map ``in -> rank -> out`` (MedVisionLlama projects with a low-rank adapter).
 
-    ``down`` is Kaiming-uniform (as ``nn.Linear``); ``up`` is zero-initialised when ``zero_init`` is set,
+    ``down`` keeps ``nn.Linear``'s Kaiming-uniform initialisation; ``up`` is zero-initialised when ``zero_init`` is set,
     which makes the whole map output zeros at step 0 (the LoRA "B = 0" convention).
     """
 
@@ -21,7 +19,6 @@ class LowRankProjection(nn.Module):
         super().__init__()
         self.down = nn.Linear(in_features, rank, bias=False)
         self.up = nn.Linear(rank, out_features, bias=True)
-        nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
         if zero_init:
             nn.init.zeros_(self.up.weight)
             nn.init.zeros_(self.up.bias)

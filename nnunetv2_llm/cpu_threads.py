@@ -1,11 +1,12 @@
-"""CPU inference: the block's elementwise ops on one OpenMP thread, its matrix products on all of them.
+"""CPU inference: the block's elementwise ops on one OpenMP thread, the frozen layer's products on all of them.
 
 Why (issue 4, BENCHMARKS.md): this package runs nnU-Net with ``OMP_WAIT_POLICY=PASSIVE`` (environment.py), because
 spin-waiting OpenMP threads fight nnU-Net's augmentation and export workers for the cores. Idle OpenMP threads then
 sleep, and every parallel region pays for waking them: about 50 µs on the 2-core benchmark machine, while an
 elementwise op over one tile's 175 x 576 tokens takes about 8 µs on one thread. The block runs some 60 such ops per
 tile. Here they run on one thread; the layer's linears (``OneDNNLinear``) and attention (``bidirectional_sdpa``)
-take all threads back through ``all_threads``. Results are bit-identical (elementwise ops do not depend on the
+take all threads back through ``all_threads`` (in any dtype). The rank-r projections stay on one thread: their four
+small products took 355 µs per tile that way against 430 µs on two threads. Results are bit-identical (elementwise ops do not depend on the
 thread count; the products run as before). Only inference (no autograd) on the CPU, outside torch.compile; training
 batches are large enough for the threads to pay off.
 """

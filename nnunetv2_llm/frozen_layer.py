@@ -20,12 +20,17 @@ Choices (documented in the README):
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from nnunetv2_llm.cpu_threads import all_threads
 from nnunetv2_llm.llm_source import LayerBlueprint, instantiate_layer, storage_dtype
 from nnunetv2_llm.onednn_linear import use_onednn_linears
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 ATTENTION_NAME = "nnunetv2_llm_bidirectional_sdpa"
 _ROTARY_CACHE_SIZE = 8
@@ -40,7 +45,7 @@ def bidirectional_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor
     groups = getattr(module, "num_key_value_groups", 1) or 1
     extra = {}
     if groups > 1:
-        if (query.is_cuda and query.dtype == torch.float32) or not _SDPA_HAS_GQA:
+        if query.is_cuda and query.dtype == torch.float32:
             key = _repeat_kv(key, groups)
             value = _repeat_kv(value, groups)
         else:
@@ -57,24 +62,10 @@ def _repeat_kv(states: torch.Tensor, groups: int) -> torch.Tensor:
     return states[:, :, None].expand(b, h, groups, n, d).reshape(b, h * groups, n, d)
 
 
-def _sdpa_has_gqa() -> bool:
-    import inspect
-
-    try:
-        return "enable_gqa" in inspect.signature(torch.nn.functional.scaled_dot_product_attention).parameters
-    except (TypeError, ValueError):  # a builtin without a Python signature: torch >= 2.5 documents it
-        return tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
-
-
-_SDPA_HAS_GQA = _sdpa_has_gqa()
-
-
 def _use_bidirectional_sdpa(layer: nn.Module) -> None:
     """Route the layer's attention through ``bidirectional_sdpa`` where it would use transformers' SDPA."""
-    try:
-        from transformers import AttentionInterface
-    except ImportError:  # older transformers: keep its own SDPA path (is_causal is already False)
-        return
+    from transformers import AttentionInterface
+
     if ATTENTION_NAME not in AttentionInterface._global_mapping:
         AttentionInterface.register(ATTENTION_NAME, bidirectional_sdpa)
     for module in layer.modules():
@@ -106,7 +97,7 @@ class FrozenLLMLayer(nn.Module):
         self._rotary_cache: dict = {}  # not a buffer: not in the state dict, rebuilt on any device
 
     @classmethod
-    def from_state_dict(cls, blueprint: LayerBlueprint, config, index: int,
+    def from_state_dict(cls, blueprint: LayerBlueprint, config: PretrainedConfig, index: int,
                         state_dict: dict[str, torch.Tensor]) -> "FrozenLLMLayer":
         """Build the layer on the meta device and assign the loaded tensors (no second copy), all in the
         ``weights_dtype`` of the layer's ``storage_dtype``."""
@@ -116,7 +107,7 @@ class FrozenLLMLayer(nn.Module):
         return cls(layer, _rotary(blueprint, config))
 
     @classmethod
-    def random(cls, blueprint: LayerBlueprint, config, index: int, seed: int,
+    def random(cls, blueprint: LayerBlueprint, config: PretrainedConfig, index: int, seed: int,
                dtype: torch.dtype = torch.float32) -> "FrozenLLMLayer":
         """The same architecture, randomly initialised as transformers initialises LLMs
         (linear weights ~ N(0, initializer_range), biases 0, norms 1), with a fixed seed."""

@@ -19,6 +19,7 @@ import inspect
 import json
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -185,7 +186,7 @@ def _one_line(error: BaseException) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
-def resolve_layer_index(config, layer: int | str | None) -> int:
+def resolve_layer_index(config: PretrainedConfig, layer: int | str | None) -> int:
     """Layer index from ``layer``, else ``$nnUNet_LLM_LAYER``, else the last layer (as MedVisionLlama).
     Negative indices count from the end."""
     value = layer if layer not in (None, "") else os.environ.get(ENV_LAYER) or -1
@@ -214,7 +215,7 @@ class LayerBlueprint:
     meta_model: nn.Module  # the whole model on the meta device (no memory): used for GGUF name mapping
 
 
-def layer_blueprint(config) -> LayerBlueprint:
+def layer_blueprint(config: PretrainedConfig) -> LayerBlueprint:
     """Find the layer (and rotary embedding) classes by building the base model on the meta device."""
     from transformers import AutoModel
 
@@ -233,7 +234,7 @@ def layer_blueprint(config) -> LayerBlueprint:
                           layer_list_name.split(".")[-1], model)
 
 
-def instantiate_layer(blueprint: LayerBlueprint, config, index: int, device: str | torch.device,
+def instantiate_layer(blueprint: LayerBlueprint, config: PretrainedConfig, index: int, device: str | torch.device,
                       dtype: torch.dtype = torch.float32) -> nn.Module:
     """An instance of the layer class (``device='meta'`` allocates nothing), its parameters created in ``dtype``
     (a bfloat16 layer is never built in float32 first: that would double its memory)."""
@@ -247,7 +248,7 @@ def instantiate_layer(blueprint: LayerBlueprint, config, index: int, device: str
         torch.set_default_dtype(default)
 
 
-def read_layer_state_dict(source: Path, config, index: int, blueprint: LayerBlueprint) -> dict[str, torch.Tensor]:
+def read_layer_state_dict(source: Path, config: PretrainedConfig, index: int, blueprint: LayerBlueprint) -> dict[str, torch.Tensor]:
     """The state dict of layer ``index`` only, keys relative to the layer (e.g. ``self_attn.q_proj.weight``).
 
     Refuses (LLMSettingError) a layer whose tensors do not match the layer class or hold NaN/Inf: a corrupt
@@ -286,7 +287,7 @@ def storage_dtype(tensors: dict[str, torch.Tensor]) -> torch.dtype:
     return max(sorted(tensors.items()), key=lambda item: item[1].numel())[1].dtype
 
 
-def layer_storage_dtype(source: Path, config, index: int, blueprint: LayerBlueprint) -> torch.dtype:
+def layer_storage_dtype(source: Path, config: PretrainedConfig, index: int, blueprint: LayerBlueprint) -> torch.dtype:
     """``storage_dtype`` of layer ``index`` as ``read_layer_state_dict`` returns it, without reading its weights where
     the format allows: GGUF layers are de-quantised to float32, safetensors headers give each tensor's shape and dtype
     (in every shard holding the layer). For the controls (no-LLM, random layer), which need the dtype but not the
@@ -343,10 +344,10 @@ def _safetensors_layer_keys(folder: Path, index: int, list_name: str) -> dict[Pa
     for key, shard in weight_map.items():
         match = pattern.match(key)
         if match:
-            shard_path = (folder / shard).resolve()
-            if shard_path.parent != folder.resolve():
+            # a bare file name (checked lexically: Hugging Face cache snapshots hold symlinks into ../../blobs)
+            if Path(shard).name != shard or shard in ("", ".", ".."):
                 raise LLMSettingError(f"'{index_file}' points outside the model folder ('{shard}')", ENV_SOURCE)
-            wanted.setdefault(shard_path, []).append((key, match.group(1)))
+            wanted.setdefault(folder / shard, []).append((key, match.group(1)))
     return wanted
 
 
@@ -395,7 +396,7 @@ def _gguf_reader(path: Path):
 
 
 @contextlib.contextmanager
-def one_source_parse():
+def one_source_parse() -> Iterator[None]:
     """Reads of one source inside this block (config, layer dtype, layer) share one parse of a GGUF file, which is
     dropped when the block ends, also when no layer was read (the controls read only the config)."""
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -40,7 +41,7 @@ _layers_read: dict[str, dict[str, torch.Tensor]] = {}
 
 
 @contextlib.contextmanager
-def reuse_layer(spec: BottleneckSpec, state: dict[str, torch.Tensor] | None):
+def reuse_layer(spec: BottleneckSpec, state: dict[str, torch.Tensor] | None) -> Iterator[None]:
     """Inside this block, the first network built for ``spec`` takes its frozen tensors from ``state`` (what
     ``make_spec_and_layer`` read and checksummed) instead of reading the source again. nnU-Net builds the
     network in a static method that sees only the plans, hence this hand-over; nothing is kept after the block."""
@@ -85,7 +86,10 @@ def add_lora(mixer: FrozenLLMLayer, rank: int, alpha: int) -> None:
     inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets),
                             mixer.layer)
     for name, param in mixer.layer.named_parameters():
-        param.requires_grad_("lora_" in name)
+        trainable = "lora_" in name
+        if trainable and param.dtype != torch.float32:  # peft makes adapters in the layer's dtype; bf16 adapters lose
+            param.data = param.data.float()  # most SGD updates (PeftModel upcasts them to float32 too)
+        param.requires_grad_(trainable)
 
 
 def build_llm_unet(spec: BottleneckSpec, unet: nn.Module, from_checkpoint: bool = False) -> LLMBottleneckUNet:

@@ -28,7 +28,8 @@ class OneDNNLinear(nn.Linear):
                 or not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)):
             # torch.compile traces nn.Linear (the oneDNN op has no fake-tensor kernel); a user's
             # torch.backends.mkldnn.flags(enabled=False) is honoured
-            return super().forward(x)
+            with all_threads():
+                return super().forward(x)
         lead = x.shape[:-1]
         # every token is one pixel of a (1, in, M, 1) image in channels-last layout: no copy, and oneDNN keeps that
         # layout, so its output permuted back is (M, out) row-major again

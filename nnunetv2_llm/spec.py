@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -18,6 +19,9 @@ from nnunetv2_llm.llm_source import (
     ENV_LAYER, ENV_SOURCE, layer_blueprint, layer_storage_dtype, load_config, one_source_parse,
     read_layer_state_dict, resolve_layer_index, resolve_source, source_format, storage_dtype,
 )
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 PLANS_KEY = "nnunetv2_llm"
 MIXERS = ("pretrained", "random", "identity")
@@ -51,7 +55,7 @@ class BottleneckSpec:
     def width(self) -> int:
         return int(self.llm_config["hidden_size"])
 
-    def hf_config(self):
+    def hf_config(self) -> PretrainedConfig:
         """The transformers config object, rebuilt from the stored dict (no file access)."""
         from transformers import AutoConfig
 

@@ -16,6 +16,10 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported where it is used
+    import torch
 
 SYNTHETIC_PREFIX = "synthetic:"
 
@@ -151,7 +155,7 @@ def write_synthetic_checkpoint(folder: str | os.PathLike, preset: str = "llama-8
     return folder
 
 
-def _randn_bf16_chunked(shape: tuple[int, ...], std: float, generator) -> "torch.Tensor":
+def _randn_bf16_chunked(shape: tuple[int, ...], std: float, generator: torch.Generator) -> torch.Tensor:
     """Large random bfloat16 tensor without a full float32 intermediate (keeps peak memory at the output)."""
     import torch
 

@@ -45,6 +45,17 @@ def save_tiny_model(folder: Path, model_type: str = "llama", shard_size: str | N
     return folder
 
 
+def save_bfloat16_model(folder: Path) -> Path:
+    """A tiny Llama saved with bfloat16 tensors (one safetensors file)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    folder = save_tiny_model(folder, "llama", torch_dtype="bfloat16")
+    model_file = folder / "model.safetensors"
+    save_file({k: v.to(torch.bfloat16) for k, v in load_file(model_file).items()}, str(model_file))
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     """A 3-layer Llama with hidden size 64, saved in several safetensors shards with an index json."""

@@ -52,6 +52,26 @@ def _threads_seen(block: LLMBottleneckBlock, x: torch.Tensor, monkeypatch) -> di
     return seen
 
 
+def test_a_bfloat16_layers_products_run_on_all_threads(tmp_path, two_threads, monkeypatch):
+    """bfloat16 linears are plain ``nn.Linear`` (oneDNN is used only for float32): they also get all threads."""
+    from conftest import save_bfloat16_model
+
+    spec = make_spec("pretrained", source=str(save_bfloat16_model(tmp_path / "bf16")), layer=0, rank=4)
+    block = LLMBottleneckBlock(16, spec.width, spec.rank, build_mixer(spec)).eval()
+    assert block.mixer.compute_dtype == torch.bfloat16
+    seen, linear = set(), torch.nn.functional.linear
+
+    def spy(x, weight, *a, **k):
+        if weight.dtype == torch.bfloat16:
+            seen.add(torch.get_num_threads())
+        return linear(x, weight, *a, **k)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", spy)
+    with torch.no_grad():
+        block(torch.randn(1, 16, 3, 4, 3))
+    assert seen == {2}
+
+
 def test_inference_runs_elementwise_on_one_thread_products_on_all(block, two_threads, monkeypatch):
     x = torch.randn(1, 16, 3, 4, 3)
     with torch.no_grad():

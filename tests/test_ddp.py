@@ -3,13 +3,15 @@ gloo backend (nnU-Net itself uses NCCL on GPUs; its multi-GPU path needs CUDA an
 
 Checked: DDP registers only the trainable tensors (no gradient buckets for the frozen layer), training steps
 all-reduce the projections' and LoRA adapters' gradients so both ranks stay identical, the frozen layer keeps
-its checksum and gets no gradient, SyncBatchNorm conversion (nnU-Net does it) is harmless, and the NaN guard's
-collective skip decision (one rank's NaN makes every rank skip) keeps the ranks in step without a hang.
+its checksum and gets no gradient, SyncBatchNorm conversion (nnU-Net does it) is harmless, and the trainers' own
+``ReliabilityMixin.train_step`` takes a collective skip decision (one rank's NaN input makes every rank skip the
+update) that keeps the ranks in step without a hang.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 from dataclasses import asdict
@@ -17,6 +19,8 @@ from dataclasses import asdict
 import pytest
 import torch
 from torch import nn
+
+from nnunetv2_llm.trainers.reliability import ReliabilityMixin
 
 TIMEOUT_S = 240
 
@@ -31,13 +35,33 @@ def tiny_unet() -> nn.Module:
                          nonlin_kwargs={"inplace": True}, deep_supervision=True)
 
 
+class _Stepper(ReliabilityMixin):
+    """The least a trainer holds for ``ReliabilityMixin.train_step`` (CPU, no gradient scaler)."""
+
+    def __init__(self, network: nn.Module, optimizer: torch.optim.Optimizer):
+        self.network, self.optimizer, self.grad_scaler = network, optimizer, None
+        self.device, self.current_epoch, self.max_nonfinite_steps = torch.device("cpu"), 0, 3
+        self._iteration = self._nonfinite_in_a_row = self._nonfinite_total = 0
+        self.logged: list[str] = []
+
+    @staticmethod
+    def loss(output: list[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+        return sum(o.float().square().mean() for o in output)
+
+    def print_to_log_file(self, *args) -> None:
+        self.logged.append(" ".join(map(str, args)))
+
+    def diagnose_nonfinite(self, data: torch.Tensor, target: torch.Tensor) -> str:
+        return "test input"
+
+
 def _worker(rank: int, world: int, port: int, spec_json: str, out_dir: str) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from nnunetv2_llm.network import build_llm_unet
     from nnunetv2_llm.spec import BottleneckSpec, frozen_layer_sha256
-    from nnunetv2_llm.trainers.reliability import all_ranks_true, tree_sha256
+    from nnunetv2_llm.trainers.reliability import tree_sha256
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -54,21 +78,19 @@ def _worker(rank: int, world: int, port: int, spec_json: str, out_dir: str) -> N
         registered = ddp._get_ddp_logging_data().get("num_parameter_tensors")
         optimizer = torch.optim.SGD(trainable.values(), lr=1e-2, momentum=0.99, nesterov=True)
         start = tree_sha256({n: p for n, p in net.state_dict().items()})
+        stepper = _Stepper(ddp, optimizer)
         skipped, losses = [], []
         for step in range(4):
             generator = torch.Generator().manual_seed(100 * rank + step)
             x = torch.randn(2, 1, 16, 16, 16, generator=generator)
-            optimizer.zero_grad(set_to_none=True)
-            loss = sum(o.float().square().mean() for o in ddp(x))
             if step == 1 and rank == 0:
-                loss = loss * float("nan")  # only rank 0 sees a NaN loss
-            if not all_ranks_true(bool(torch.isfinite(loss)), "cpu"):
+                x[0, 0, 0, 0, 0] = float("nan")  # only rank 0 sees a NaN input
+            before = tree_sha256({n: p for n, p in trainable.items()})
+            loss = float(stepper.train_step({"data": x, "target": torch.zeros(1)})["loss"])
+            if tree_sha256({n: p for n, p in trainable.items()}) == before:
                 skipped.append(step)
-                continue
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(ddp.parameters(), 12)
-            optimizer.step()
-            losses.append(float(loss))
+            else:
+                losses.append(loss)
         result = {
             "registered": registered, "n_trainable": len(trainable), "n_frozen": len(frozen),
             "frozen_sha": frozen_layer_sha256(net.state_dict(), spec.dtype),
@@ -76,6 +98,7 @@ def _worker(rank: int, world: int, port: int, spec_json: str, out_dir: str) -> N
             "trainable_sha": tree_sha256({n: p for n, p in trainable.items()}),
             "changed": tree_sha256({n: p for n, p in net.state_dict().items()}) != start,
             "lora": sorted(n for n in trainable if "lora_" in n)[:2], "skipped": skipped, "losses": losses,
+            "logged": stepper.logged,
         }
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(result, f)
@@ -113,4 +136,6 @@ def test_frozen_layer_under_ddp_gloo(tiny_llama, tmp_path):
         assert result["frozen_sha"] == spec.layer_sha256  # bit-identical to the source after training steps
         assert result["lora"] and result["changed"]
         assert result["skipped"] == [1] and len(result["losses"]) == 3  # both ranks skipped rank 0's NaN step
+        assert all(map(math.isfinite, result["losses"]))
+        assert len(result["logged"]) == 1 and "optimizer step skipped" in result["logged"][0]
     assert results[0]["trainable_sha"] == results[1]["trainable_sha"]  # gradients were all-reduced

@@ -13,7 +13,7 @@ from nnunetv2_llm.llm_source import (
     layer_blueprint, layer_storage_dtype, load_config, read_layer_state_dict, storage_dtype,
 )
 from nnunetv2_llm.spec import make_spec, make_spec_and_layer
-from tests.conftest import save_tiny_model
+from conftest import save_tiny_model
 
 
 def mixed_precision_model(folder: Path, sharded: bool) -> Path:

@@ -16,7 +16,7 @@ from nnunetv2_llm.llm_source import (
     default_source, layer_blueprint, load_config, read_layer_state_dict, resolve_layer_index,
 )
 from nnunetv2_llm.spec import frozen_layer_sha256
-from tests.conftest import save_tiny_model
+from conftest import save_bfloat16_model, save_tiny_model
 
 
 def full_model_layer(folder: Path, index: int) -> dict[str, torch.Tensor]:
@@ -51,6 +51,33 @@ def test_only_the_layers_shards_are_read(tiny_llama, tmp_path):
     config = load_config(folder)
     state = read_layer_state_dict(folder, config, 1, layer_blueprint(config))
     assert torch.equal(state["mlp.up_proj.weight"], full_model_layer(tiny_llama, 1)["mlp.up_proj.weight"])
+
+
+def test_hugging_face_cache_snapshot_with_symlinked_shards(tiny_llama, tmp_path):
+    """The hub cache keeps each shard in blobs/ and a symlink to it in snapshots/<revision>/."""
+    blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshots" / "abc"
+    blobs.mkdir()
+    snapshot.mkdir(parents=True)
+    for file in tiny_llama.iterdir():
+        shutil.copy(file, blobs / f"hash-{file.name}")
+        (snapshot / file.name).symlink_to(Path("../../blobs") / f"hash-{file.name}")
+    config = load_config(snapshot)
+    state = read_layer_state_dict(snapshot, config, 1, layer_blueprint(config))
+    assert torch.equal(state["mlp.up_proj.weight"], full_model_layer(tiny_llama, 1)["mlp.up_proj.weight"])
+
+
+def test_index_naming_a_file_outside_the_model_folder_is_refused(tiny_llama, tmp_path):
+    from nnunetv2_llm.errors import LLMSettingError
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_llama, folder)
+    index_file = folder / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    index["weight_map"] = {k: f"../{v}" for k, v in index["weight_map"].items()}
+    index_file.write_text(json.dumps(index))
+    config = load_config(folder)
+    with pytest.raises(LLMSettingError, match="points outside the model folder"):
+        read_layer_state_dict(folder, config, 1, layer_blueprint(config))
 
 
 def test_embedded_gguf_default_loads_and_matches_transformers():
@@ -112,23 +139,29 @@ def test_each_decoder_family_runs_bidirectionally_with_rotary_positions(tmp_path
     assert not torch.allclose(layer(shuffled).sum(1), out.sum(1), atol=1e-4)  # positions matter
 
 
-def bfloat16_model(folder: Path) -> Path:
-    """A tiny Llama saved with bfloat16 tensors (one safetensors file)."""
-    from safetensors.torch import load_file, save_file
-
-    folder = save_tiny_model(folder, "llama", torch_dtype="bfloat16")
-    model_file = folder / "model.safetensors"
-    save_file({k: v.to(torch.bfloat16) for k, v in load_file(model_file).items()}, str(model_file))
-    return folder
-
-
 def test_bfloat16_source_keeps_bfloat16_weights(tmp_path):
-    folder = bfloat16_model(tmp_path / "bf16")
+    folder = save_bfloat16_model(tmp_path / "bf16")
     config = load_config(folder)
     blueprint = layer_blueprint(config)
     layer = FrozenLLMLayer.from_state_dict(blueprint, config, 0, read_layer_state_dict(folder, config, 0, blueprint))
     assert {p.dtype for p in layer.parameters()} == {torch.bfloat16}  # no float32 copy
     assert layer(torch.randn(1, 4, 64)).dtype == torch.bfloat16
+
+
+def test_lora_adapters_of_a_bfloat16_layer_train_in_float32(tmp_path):
+    """peft makes adapters in the layer's dtype; in bfloat16 most SGD updates of lr 1e-2 would round away."""
+    from nnunetv2_llm.network import build_mixer
+    from nnunetv2_llm.spec import make_spec
+
+    mixer = build_mixer(make_spec("pretrained", source=str(save_bfloat16_model(tmp_path / "bf16")), layer=0, rank=4,
+                                  lora_rank=2))
+    adapters = [p for p in mixer.parameters() if p.requires_grad]
+    assert adapters and {p.dtype for p in adapters} == {torch.float32}
+    assert {p.dtype for p in mixer.parameters() if not p.requires_grad} == {torch.bfloat16}
+    out = mixer(torch.randn(1, 10, 64))
+    assert out.dtype == torch.bfloat16
+    out.float().square().mean().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in adapters)
 
 
 def test_random_control_of_a_bfloat16_source_is_built_in_bfloat16(tmp_path):
@@ -137,7 +170,7 @@ def test_random_control_of_a_bfloat16_source_is_built_in_bfloat16(tmp_path):
     from nnunetv2_llm.network import build_mixer
     from nnunetv2_llm.spec import make_spec
 
-    folder = bfloat16_model(tmp_path / "bf16")
+    folder = save_bfloat16_model(tmp_path / "bf16")
     config = load_config(folder)
     layer = instantiate_layer(layer_blueprint(config), config, 0, "cpu", torch.bfloat16)
     assert {p.dtype for p in layer.parameters()} == {torch.bfloat16}
@@ -157,7 +190,7 @@ def test_controls_get_the_layers_dtype_without_reading_it(source, tiny_llama, tm
     import nnunetv2_llm.spec as spec_module
     from nnunetv2_llm.spec import make_spec
 
-    folder = {"sharded float32": lambda: tiny_llama, "bfloat16": lambda: bfloat16_model(tmp_path / "bf16"),
+    folder = {"sharded float32": lambda: tiny_llama, "bfloat16": lambda: save_bfloat16_model(tmp_path / "bf16"),
               "gguf": lambda: default_source()}[source]()
     expected = make_spec("pretrained", str(folder), 1).dtype
     assert expected == ("bfloat16" if source == "bfloat16" else "float32")

@@ -10,7 +10,7 @@ from dynamic_network_architectures.architectures.unet import PlainConvUNet, Resi
 from torch import nn
 
 from nnunetv2_llm.bottleneck import LLMBottleneckBlock
-from nnunetv2_llm.network import LLMBottleneckUNet, build_llm_unet
+from nnunetv2_llm.network import build_llm_unet
 from nnunetv2_llm.spec import make_spec
 
 
@@ -169,11 +169,15 @@ def test_a_build_that_leaves_the_read_layer_untaken_fails(spec):
 
 
 def test_block_keeps_input_dtype_and_runs_layer_outside_autocast(spec):
+    """Under bf16 autocast the projections and the layer still compute in float32 (the layer's dtype)."""
     from nnunetv2_llm.network import build_mixer
 
     block = LLMBottleneckBlock(32, 64, 4, build_mixer(spec))
+    seen = []
+    for module in (block.proj_in, block.mixer, block.proj_out):
+        module.register_forward_hook(lambda m, args, out: seen.append((args[0].dtype, out.dtype)))
     x = torch.randn(2, 32, 2, 3, 2)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = block(x.to(torch.bfloat16))
     assert y.dtype == torch.bfloat16 and torch.isfinite(y.float()).all()
-    assert isinstance(build_llm_unet(spec, tiny_unet(3)), LLMBottleneckUNet)
+    assert seen == [(torch.float32, torch.float32)] * 3

@@ -192,6 +192,24 @@ print("done", flush=True)
 '''
 
 
+def test_a_temporary_being_written_by_a_running_process_is_kept(tmp_path):
+    """Folds started in parallel share the model folder: one fold's start must not delete another's live write."""
+    import subprocess
+    import sys
+
+    from nnunetv2_llm.trainers.reliability import TMP_MARKER, remove_stale_temporaries
+
+    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        live = tmp_path / f"plans.json{TMP_MARKER}{writer.pid}"
+        live.write_text("{}")
+        assert remove_stale_temporaries(tmp_path) == [] and live.is_file()
+    finally:
+        writer.kill()
+        writer.wait(timeout=60)
+    assert remove_stale_temporaries(tmp_path) == [live.name] and not live.exists()
+
+
 @pytest.mark.parametrize("mode", ["atomic", "nnunet"])
 def test_kill_during_checkpoint_write(tmp_path, mode):
     """SIGKILL in the middle of writing a checkpoint: the atomic write leaves the previous checkpoint intact (and a

@@ -40,7 +40,8 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from collections.abc import Iterator
+from typing import IO, Any, NoReturn
 
 import numpy as np
 import torch
@@ -69,7 +70,7 @@ def _fsync_folder(folder: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_file(filename: str | os.PathLike, mode: str = "wb"):
+def atomic_file(filename: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     """Write ``filename`` through a temporary file in the same folder that replaces it only when complete."""
     filename = os.fspath(filename)
     tmp = f"{filename}{TMP_MARKER}{os.getpid()}"
@@ -98,14 +99,27 @@ def atomic_save_json(obj: Any, filename: str | os.PathLike, indent: int = 4, sor
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> list[str]:
-    """Temporaries left by a process killed while writing (SIGKILL cannot clean up)."""
+    """Temporaries left by a process killed while writing (SIGKILL cannot clean up). A temporary whose writer (the
+    pid in its name) is still running on this machine is kept: another fold started in parallel may be writing it."""
     removed = []
     for path in Path(folder).glob(f"*{TMP_MARKER}*"):
-        if path.is_file():
+        if path.is_file() and not _process_alive(path.name.rpartition(TMP_MARKER)[2]):
             with contextlib.suppress(OSError):
                 path.unlink()
                 removed.append(path.name)
     return removed
+
+
+def _process_alive(pid: str) -> bool:
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)  # signal 0: only checks that the process exists
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:  # it exists, owned by another user
+        return True
+    return True
 
 
 # ------------------------------------------------------------------------------------------ safe checkpoints
@@ -312,7 +326,7 @@ class ReliabilityMixin:
         return super().initialize()
 
     # ---- training start/end: stale temporaries, atomic json copies, SIGTERM, data seed
-    def on_train_start(self):
+    def on_train_start(self) -> None:
         if self.local_rank == 0:
             removed = remove_stale_temporaries(self.output_folder) + remove_stale_temporaries(self.output_folder_base)
             if removed:
@@ -329,7 +343,7 @@ class ReliabilityMixin:
         with _atomic_json_in_nnunet_trainer():
             super().on_train_start()
 
-    def on_train_end(self):
+    def on_train_end(self) -> None:
         try:
             super().on_train_end()
         finally:
@@ -415,7 +429,7 @@ class ReliabilityMixin:
         if os.path.basename(filename) == "checkpoint_latest.pth":
             self._last_saved_epoch = self.current_epoch
 
-    def load_checkpoint(self, filename_or_checkpoint) -> None:
+    def load_checkpoint(self, filename_or_checkpoint: str | dict) -> None:
         if not self.was_initialized:
             self.initialize()
         if isinstance(filename_or_checkpoint, (str, os.PathLike)):
@@ -511,7 +525,7 @@ class ReliabilityMixin:
                 "nnUNet_LLM_SOURCE / nnUNet_LLM_LAYER")
 
     # ---- NaN guard
-    def on_train_epoch_start(self):
+    def on_train_epoch_start(self) -> None:
         self._iteration = 0
         return super().on_train_epoch_start()
 
@@ -614,7 +628,7 @@ class ReliabilityMixin:
         return ("the network output is finite, the loss is not: check the labels (values outside the dataset's "
                 "label set?) and the loss settings")
 
-    def on_train_epoch_end(self, train_outputs: list[dict]):
+    def on_train_epoch_end(self, train_outputs: list[dict]) -> None:
         """Skipped steps (NaN entries) are left out of the epoch's mean loss, and counted in the log."""
         finite = [o for o in train_outputs if np.isfinite(o["loss"]).all()]
         skipped = len(train_outputs) - len(finite)
@@ -623,7 +637,7 @@ class ReliabilityMixin:
                                    f"{self.current_epoch} were skipped (non-finite values)")
         return super().on_train_epoch_end(finite if finite else train_outputs)
 
-    def on_validation_epoch_end(self, val_outputs: list[dict]):
+    def on_validation_epoch_end(self, val_outputs: list[dict]) -> None:
         losses = [float(np.mean(o["loss"])) for o in val_outputs]
         if losses and not np.isfinite(losses).all():
             self.print_to_log_file(f"nnunetv2_llm: WARNING: non-finite validation loss at epoch {self.current_epoch} "
@@ -632,7 +646,7 @@ class ReliabilityMixin:
         return super().on_validation_epoch_end(val_outputs)
 
 
-def raise_setting_error(message: str, setting: str):
+def raise_setting_error(message: str, setting: str) -> NoReturn:
     """Raise an LLMSettingError from trainer code that nnU-Net calls: printed as one line, exit code 2."""
     from nnunetv2_llm.errors import exit_on_setting_error
 

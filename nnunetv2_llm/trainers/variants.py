@@ -29,7 +29,7 @@ ITERATIONS = (None, 2, 10, 25, 50, 250)
 SPLIT_SEED = 12345  # nnU-Net's own split seed
 
 
-def subsample_training_cases(keys: list[str], percent: int, fold) -> list[str]:
+def subsample_training_cases(keys: list[str], percent: int, fold: int | str) -> list[str]:
     """Deterministic subset of a fold's training cases, the same for every trainer: sorted keys, seeded by fold."""
     keys = sorted(keys)
     n = max(1, round(len(keys) * percent / 100))
@@ -54,7 +54,7 @@ class ExperimentVariantMixin:
             self.num_iterations_per_epoch = self.variant_iterations
             self.num_val_iterations_per_epoch = max(1, self.variant_iterations // 5)
 
-    def do_split(self):
+    def do_split(self) -> tuple[list[str], list[str]]:
         """nnU-Net's split, with the training cases subsampled; the validation cases stay untouched."""
         tr_keys, val_keys = super().do_split()
         if self.variant_percent is not None:
