@@ -26,8 +26,9 @@ import numpy as np
 
 from nnunetv2_llm.errors import LLMSettingError
 
-if TYPE_CHECKING:  # torch is imported where it is used: the command line starts without it
+if TYPE_CHECKING:  # torch and nnU-Net are imported where they are used: the command line starts without them
     import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
     from nnunetv2_llm.bottleneck import LLMBottleneckBlock
 
@@ -82,7 +83,7 @@ def check_model_folder(model_folder: Path, fold: str, checkpoint: str) -> dict:
 
 
 def load_predictor(model_folder: str | os.PathLike, fold: str = "0", checkpoint: str = "checkpoint_final.pth",
-                   device: str = "cpu"):
+                   device: str = "cpu") -> nnUNetPredictor:
     """nnU-Net's predictor for the model folder (network rebuilt by the trainer class, checkpoint loaded)."""
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
@@ -230,7 +231,7 @@ def compute_activation_maps(model_folder: str | os.PathLike, images: list[str], 
                             checkpoint: str = "checkpoint_final.pth", device: str = "cpu",
                             slice_axis: int = 0, slice_index: int | None = None, region: str = "patch",
                             reduction: str = "mean-abs", upsample: str = "trilinear",
-                            channel: int = 0, predictor=None) -> ActivationMaps:
+                            channel: int = 0, predictor: nnUNetPredictor | None = None) -> ActivationMaps:
     """Run the model on one case and capture the bottleneck block's input and output (see module doc).
 
     slice_axis / slice_index: in the input file's array as nnU-Net's reader returns it (SimpleITK: axis 0 is

@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from nnunetv2_llm.nnunet_commands import (
-    check_trainer_names, dataset_folder, find_trainer_class, is_preprocessed, nnunet_dataset_id,
+    check_device, check_folds, check_trainer_names, dataset_folder, find_trainer_class, is_preprocessed,
+    nnunet_dataset_id,
 )
 from nnunetv2_llm.process_memory import current_rss, peak_rss, reset_peak_rss
 from nnunetv2_llm.report_files import write_json_and_markdown
@@ -47,6 +48,9 @@ DEFAULT_TRAINERS = ("nnUNetTrainer", "nnUNetTrainerLLM", "nnUNetTrainerLLMNoLLM"
 STEP_RATIO_TARGET = 1.05
 INFERENCE_RATIO_TARGET = 1.05
 FLOOR_FACTOR_TARGET = 1.5
+# The smallest value of each count option (the benchmark divides by or cycles through these).
+COUNT_MINIMUMS = {"--iterations": 1, "--batches": 1, "--warmup": 0, "--inference-cases": 0,
+                  "--inference-repeats": 0, "--memory-steps": 0}
 
 
 # ----------------------------------------------------------------------------------------------- command line
@@ -115,17 +119,28 @@ def _prepare_environment(args: argparse.Namespace, trainer_logs: str) -> None:
     # Batches are drawn once, in this process: no augmentation workers competing for the cores while timing.
     os.environ["nnUNet_n_proc_DA"] = "0"
     os.environ["nnUNet_compile"] = "true" if args.compile else "false"
-    if args.iterations < 1:
-        raise LLMSettingError("--iterations must be at least 1", "--iterations")
+    _check_counts(args)
     _check_inputs(args)  # before a synthetic LLM source is written
-    if args.llm_source:
-        os.environ["nnUNet_LLM_SOURCE"] = resolve_synthetic(args.llm_source)
+    source = resolve_synthetic(args.llm_source)
+    if source:
+        os.environ["nnUNet_LLM_SOURCE"] = source
     if args.llm_layer is not None:
         os.environ["nnUNet_LLM_LAYER"] = str(args.llm_layer)
+    _check_llm_choice(args.trainers, source, args.llm_layer)
+
+
+def _check_counts(args: argparse.Namespace) -> None:
+    from nnunetv2_llm.errors import LLMSettingError
+
+    for flag, minimum in COUNT_MINIMUMS.items():
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value < minimum:
+            raise LLMSettingError(f"{flag} must be at least {minimum}, got {value}", flag)
 
 
 def _check_inputs(args: argparse.Namespace) -> None:
-    """The dataset, its plans and preprocessed data, and every trainer class, checked before anything is measured."""
+    """The dataset, its plans, preprocessed data and fold, every trainer class and the device, checked before anything
+    is measured."""
     from nnunetv2_llm.errors import LLMSettingError
 
     dataset_id = nnunet_dataset_id(args.dataset)
@@ -136,23 +151,32 @@ def _check_inputs(args: argparse.Namespace) -> None:
         raise LLMSettingError(f"{where} is not preprocessed for {args.plans} {args.configuration}: run "
                               f"nnUNetv2_plan_and_preprocess -d {dataset_id} -c {args.configuration}",
                               "-d / -c / -p / --preprocessed")
+    check_folds(folder, [args.fold])
     check_trainer_names(args.trainers)
+    if args.device != "auto":
+        check_device(args.device)
+
+
+def _check_llm_choice(trainers: list[str], source: str | None, layer: str | None) -> None:
+    """The LLM source and layer index the LLM trainers will read (config only, no weights), resolved before the first
+    memory probe rather than by it."""
+    from nnunetv2_llm.spec import make_spec
+    from nnunetv2_llm.trainers import nnUNetTrainerLLM
+
+    if any(issubclass(find_trainer_class(name), nnUNetTrainerLLM) for name in trainers):
+        make_spec("random", source=source, layer=layer)
 
 
 # ----------------------------------------------------------------------------------------------- building
-def _device(name: str):
+def _device(name: str) -> torch.device:
     import torch
 
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        from nnunetv2_llm.errors import LLMSettingError
-
-        raise LLMSettingError("--device cuda but torch sees no CUDA device", "--device")
     return torch.device(name)
 
 
-def _configure_torch(device) -> None:
+def _configure_torch(device: torch.device) -> None:
     """What nnUNetv2_train does before training (run_training.py)."""
     import multiprocessing
 
@@ -192,7 +216,7 @@ def build_trainer(name: str, args: argparse.Namespace, device: torch.device, qui
     return trainer
 
 
-def parameter_counts(network) -> dict:
+def parameter_counts(network: torch.nn.Module) -> dict[str, int | str | None]:
     from nnunetv2_llm.trainers.reliability import unwrap_network
 
     net = unwrap_network(network)
@@ -212,7 +236,7 @@ def parameter_counts(network) -> dict:
     }
 
 
-def synthetic_batch(trainer) -> dict:
+def synthetic_batch(trainer: nnUNetTrainer) -> dict[str, torch.Tensor | list[torch.Tensor]]:
     """A random batch of the planned shape: data (B, C, *patch) and deep-supervision targets."""
     import numpy as np
     import torch
@@ -229,7 +253,7 @@ def synthetic_batch(trainer) -> dict:
     return {"data": data, "target": targets if trainer.enable_deep_supervision else targets[0]}
 
 
-def draw_batches(trainer, n: int, synthetic: bool, device) -> list[dict]:
+def draw_batches(trainer: nnUNetTrainer, n: int, synthetic: bool, device: torch.device) -> list[dict]:
     """``n`` training batches, drawn once: real ones from nnU-Net's loader (single-threaded), or random."""
     import contextlib
     import io
@@ -251,7 +275,7 @@ def draw_batches(trainer, n: int, synthetic: bool, device) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------------------- measuring
-def _sync(device) -> None:
+def _sync(device: torch.device) -> None:
     import torch
 
     if device.type == "cuda":
@@ -263,9 +287,10 @@ def _round_orders(names: list[str], rounds: int) -> list[list[str]]:
     return [list(names) if r % 2 == 0 else list(reversed(names)) for r in range(rounds)]
 
 
-def time_training(trainers: dict, batches: list[dict], warmup: int, iterations: int, device,
-                  nnunet_step: bool = False) -> dict:
-    """Per trainer: the timed ``train_step`` durations (seconds), alternating trainers step by step.
+def time_training(trainers: dict[str, nnUNetTrainer], batches: list[dict], warmup: int, iterations: int,
+                  device: torch.device, nnunet_step: bool = False) -> dict[str, dict]:
+    """Per trainer: the timed ``train_step`` durations (seconds), alternating trainers step by step, and whether its
+    network ran compiled (nnU-Net compiles on CUDA only; a failing compile falls back to eager).
     nnunet_step: call nnU-Net's ``nnUNetTrainer.train_step`` instead of the trainer's own override."""
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
@@ -303,10 +328,11 @@ def time_training(trainers: dict, batches: list[dict], warmup: int, iterations: 
         if r == warmup - 1 or r == warmup + iterations - 1 or (r >= warmup and (r - warmup) % 5 == 4):
             done = max(0, r - warmup + 1)
             print(f"  training round {r + 1}/{warmup + iterations} (timed {done})", flush=True)
-    return {"times": times, "first_step_s": first, "losses": losses, "compile_errors": errors}
+    compiled = {name: unwrap_network(t.network) is not t.network for name, t in trainers.items()}
+    return {"times": times, "first_step_s": first, "losses": losses, "compile_errors": errors, "compiled": compiled}
 
 
-def inference_cases(trainer, n: int) -> dict:
+def inference_cases(trainer: nnUNetTrainer, n: int) -> dict[str, torch.Tensor]:
     """The first ``n`` validation cases of the fold (preprocessed), as float tensors (C, *shape)."""
     import contextlib
     import io
@@ -336,7 +362,8 @@ def make_predictor(trainer: nnUNetTrainer, name: str, device: torch.device, mirr
     return predictor
 
 
-def time_inference(trainers: dict, cases: dict, repeats: int, device, mirroring: bool) -> dict:
+def time_inference(trainers: dict[str, nnUNetTrainer], cases: dict[str, torch.Tensor], repeats: int,
+                   device: torch.device, mirroring: bool) -> dict[str, list[float]]:
     """Per trainer: seconds per round (all cases), rounds alternating between trainers, one warm-up round."""
     predictors = {name: make_predictor(t, name, device, mirroring) for name, t in trainers.items()}
     times = {name: [] for name in trainers}
@@ -362,7 +389,7 @@ def time_inference(trainers: dict, cases: dict, repeats: int, device, mirroring:
     return times
 
 
-def count_flops(trainer, batch: dict, device) -> dict:
+def count_flops(trainer: nnUNetTrainer, batch: dict, device: torch.device) -> dict[str, int | list[int] | None]:
     """FLOPs of one training step's forward + backward (no optimizer step), whole network and LLM block."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
@@ -426,7 +453,7 @@ def count_flops(trainer, batch: dict, device) -> dict:
             "bottleneck_shape": list(shape) if shape else None, "tokens_per_step": int(n_tokens)}
 
 
-def attention_training_flops(mixer, batch: int, tokens: int) -> int:
+def attention_training_flops(mixer: torch.nn.Module, batch: int, tokens: int) -> int:
     """Attention matmuls of one layer in a training step: forward QK^T and AV (2 x 2 B N^2 H d), backward
     twice that (gradients of inputs only: the weights are frozen)."""
     config = getattr(getattr(mixer, "layer", None), "self_attn", None)
@@ -446,7 +473,7 @@ class _null:
         return False
 
 
-def matmul_rate(device, dtype_name: str, m: int, k: int, n: int, seconds: float = 1.0) -> float:
+def matmul_rate(device: torch.device, dtype_name: str, m: int, k: int, n: int, seconds: float = 1.0) -> float:
     """Measured FLOP/s of an (m x k) @ (k x n) product in ``dtype_name`` on ``device`` (median of repeats), run by
     the frozen layer's own linear (``OneDNNLinear``: oneDNN for float32 on CPU, the BLAS otherwise), so that the
     floor uses the rate the layer can reach."""
@@ -474,7 +501,7 @@ def matmul_rate(device, dtype_name: str, m: int, k: int, n: int, seconds: float 
 
 
 # ----------------------------------------------------------------------------------------------- memory (subprocess)
-def measure_memory(names: list[str], args: argparse.Namespace, device) -> dict:
+def measure_memory(names: list[str], args: argparse.Namespace, device: torch.device) -> dict[str, dict]:
     """Peak memory of each trainer in a fresh process (same imports everywhere), building it and running steps."""
     results = {}
     for name in names:
@@ -572,7 +599,7 @@ def _verdict(ratio: float, paired: dict, target: float) -> str:
     return f"{ratio:.3f}, paired {paired['median']:.3f} [95% CI {low:.3f}, {high:.3f}] {verdict}"
 
 
-def environment_info(device) -> dict:
+def environment_info(device: torch.device) -> dict[str, str | int | None]:
     import datetime
     import platform
     from importlib import metadata
@@ -713,6 +740,7 @@ def assemble(names: list[str], baseline: str, env: dict, plan: dict, llm: dict, 
             "inference_times_s": inference_times.get(n, []),
             "first_step_s": training["first_step_s"].get(n),
             "compile_error": training["compile_errors"].get(n),
+            "compiled": training["compiled"][n],
             "last_loss": training["losses"][n][-1] if training["losses"][n] else None,
             "inference_s": inf[n],
             "inference_ratio": (inf[n]["median"] / base_inf) if base_inf and inf[n]["median"] is not None else None,
@@ -743,7 +771,7 @@ def assemble(names: list[str], baseline: str, env: dict, plan: dict, llm: dict, 
             "settings": {"iterations": args.iterations, "warmup": args.warmup, "batches": args.batches,
                          "batch_source": "synthetic" if args.synthetic_batches else "nnU-Net data loader (cached)",
                          "inference_cases": case_info, "inference_repeats": args.inference_repeats,
-                         "mirroring": not args.no_mirroring, "compile": bool(args.compile),
+                         "mirroring": not args.no_mirroring, "compile_requested": bool(args.compile),
                          "train_step": "nnUNetTrainer.train_step for all" if getattr(args, "nnunet_train_step", False)
                          else "each trainer's own",
                          "memory_steps": args.memory_steps},
@@ -769,6 +797,17 @@ def _mib(value):
     return "-" if value is None else f"{value / 2 ** 20:.0f}"
 
 
+def _compile_state(results: dict) -> str:
+    """Whether the timed networks ran compiled, not just whether --compile asked for it."""
+    compiled = [name for name, r in results["results"].items() if r["compiled"]]
+    if len(compiled) == len(results["results"]):
+        return "on"
+    if compiled:
+        return f"on for {', '.join(compiled)} only"
+    return ("off (requested, but not used: nnU-Net compiles on CUDA only, and a failing compile runs eager)"
+            if results["settings"]["compile_requested"] else "off")
+
+
 def to_markdown(results: dict) -> str:
     env, plan, s = results["environment"], results["plan"], results["settings"]
     device = env.get("gpu") or env.get("cpu") or env["device"]
@@ -781,7 +820,7 @@ def to_markdown(results: dict) -> str:
         f"- plans: {plan['network']} {plan['features_per_stage']}, patch {plan['patch_size']}, batch {plan['batch_size']}",
         f"- training: {s['warmup']} warm-up + {s['iterations']} timed steps per trainer, alternating (order reversed "
         f"every other round); batches: {s['batch_source']}, {s['batches']} distinct; torch.compile "
-        f"{'on' if s['compile'] else 'off'}; train_step: {s.get('train_step', 'each trainer')}",
+        f"{_compile_state(results)}; train_step: {s.get('train_step', 'each trainer')}",
         f"- inference: {len(s['inference_cases'])} cases {list(s['inference_cases'].values())[:3]}, "
         f"{s['inference_repeats']} rounds, mirroring {'on' if s['mirroring'] else 'off'}",
     ]

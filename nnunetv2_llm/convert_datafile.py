@@ -17,15 +17,16 @@ import json
 import os
 import re
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from nnunetv2_llm.dataset_checks import path_inside
 from nnunetv2_llm.errors import LLMSettingError
-from nnunetv2_llm.predict_guard import check_image
+from nnunetv2_llm.nnunet_commands import dataset_folder
+from nnunetv2_llm.predict_guard import IMAGE_ENDINGS, check_image
 
 DEFAULT_DATAFILE = "data_file.txt"
-IMAGE_ENDINGS = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
 FILE_ENDING = ".nii.gz"
 MAX_LISTED = 12
 
@@ -371,6 +372,7 @@ def convert_datafile(task_folder: str | os.PathLike, dataset_id: int, name: str 
     label_map = resolve_labels(labels, found, task_json)
     channel_map = resolve_channels(channel_names, channels, task_json)
 
+    stale = preprocessed_folder(dataset_id) if target.exists() else None
     root.mkdir(parents=True, exist_ok=True)
     partial = root / f".{target.name}.partial-{os.getpid()}"
     if partial.exists():
@@ -398,7 +400,17 @@ def convert_datafile(task_folder: str | os.PathLike, dataset_id: int, name: str 
     finally:
         if partial.exists():
             shutil.rmtree(partial, ignore_errors=True)
+    if stale is not None:
+        print(f"convert-datafile: warning: {stale} holds nnU-Net's preprocessed data of the replaced dataset, now "
+              f"stale: re-run nnUNetv2_plan_and_preprocess -d {dataset_id} --clean --verify_dataset_integrity",
+              file=sys.stderr)
     return target
+
+
+def preprocessed_folder(dataset_id: int) -> Path | None:
+    """This id's folder in ``$nnUNet_preprocessed``, if any."""
+    root = os.environ.get("nnUNet_preprocessed")
+    return dataset_folder(root, dataset_id) if root else None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

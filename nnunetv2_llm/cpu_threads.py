@@ -6,9 +6,9 @@ sleep, and every parallel region pays for waking them: about 50 µs on the 2-cor
 elementwise op over one tile's 175 x 576 tokens takes about 8 µs on one thread. The block runs some 60 such ops per
 tile. Here they run on one thread; the layer's linears (``OneDNNLinear``) and attention (``bidirectional_sdpa``)
 take all threads back through ``all_threads`` (in any dtype). The rank-r projections stay on one thread: their four
-small products took 355 µs per tile that way against 430 µs on two threads. Results are bit-identical (elementwise ops do not depend on the
-thread count; the products run as before). Only inference (no autograd) on the CPU, outside torch.compile; training
-batches are large enough for the threads to pay off.
+small products took 355 µs per tile that way against 430 µs on two threads. Results are bit-identical (elementwise
+ops do not depend on the thread count; the products run as before). Only inference (no autograd) on the CPU, outside
+torch.compile; training batches are large enough for the threads to pay off.
 """
 
 from __future__ import annotations

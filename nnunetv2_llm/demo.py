@@ -10,18 +10,26 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from nnunetv2_llm.environment import NNUNET_FOLDERS
+from nnunetv2_llm.errors import setting_names
 from nnunetv2_llm.nnunet_commands import (
-    FIXTURE, demo_env, ensure_preprocessed, ensure_raw_from_msd, ensure_trained, run, trainer_fold_dir,
+    FIXTURE, check_device, check_trainer_names, check_training_request, demo_env, ensure_preprocessed,
+    ensure_raw_from_msd, ensure_trained, run, trainer_fold_dir,
 )
 
 DATASET_ID = 4
 CONFIGURATION = "3d_fullres"
+PLANS = "nnUNetPlans"
 
 
 def run_demo(work_dir: str | Path, trainer: str, device: str, fold: str) -> Path:
     """Run the demo; returns the predictions folder."""
     work = Path(work_dir)
+    check_trainer_names([trainer], "--trainer")  # before converting and planning, not when its training starts
+    check_device(device, "--device")
     env = demo_env(work)
+    with setting_names(**{"-f": "--fold"}):
+        check_training_request(DATASET_ID, CONFIGURATION, PLANS, [fold], env)
     raw = ensure_raw_from_msd(FIXTURE, DATASET_ID, env)
     ensure_preprocessed(DATASET_ID, CONFIGURATION, env)
     ensure_trained(DATASET_ID, CONFIGURATION, trainer, fold, env, device)
@@ -36,7 +44,7 @@ def run_demo(work_dir: str | Path, trainer: str, device: str, fold: str) -> Path
     print(f"  training curves:     {fold_dir / 'progress.png'}")
     print(f"  prediction:          {predictions}")
     print("  To use these folders in your shell:")
-    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer"):
+    for name in (*NNUNET_FOLDERS, "nnUNet_extTrainer"):
         print(f"    export {name}='{env[name]}'")
     return predictions
 

@@ -3,7 +3,8 @@
 Plans and preprocesses if needed, then trains every trainer on every fold through nnU-Net's own
 ``nnUNetv2_train`` (a finished fold is never retrained; an interrupted one continues with ``--c``; a finished
 one without validation output gets ``--val``), then runs ``compare`` on nnU-Net's validation outputs.
-Uses the shell's ``nnUNet_raw``/``nnUNet_preprocessed``/``nnUNet_results``.
+Uses the shell's ``nnUNet_raw``/``nnUNet_preprocessed``/``nnUNet_results``. The trainers, folds and output
+folder (empty or new, unless ``--overwrite``) are checked before anything is prepared or trained.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from typing import Sequence
 
 from nnunetv2_llm.errors import LLMSettingError
 from nnunetv2_llm.nnunet_commands import (
-    check_trainer_names, dataset_folder, ensure_preprocessed, ensure_trained, nnunet_dataset_id, trainer_fold_dir,
+    check_device, check_trainer_names, check_training_request, dataset_folder, ensure_preprocessed, ensure_trained,
+    nnunet_dataset_id, trainer_fold_dir,
 )
 
 
@@ -62,17 +64,22 @@ def train_all(dataset_id: int, configuration: str, trainers: Sequence[str], fold
 
 
 def head_to_head(dataset: str | int, configuration: str, trainers: Sequence[str], folds: Sequence[int],
-                 output_dir: Path, device: str = "cuda", plans: str = "nnUNetPlans") -> Path:
+                 output_dir: Path, device: str = "cuda", plans: str = "nnUNetPlans", overwrite: bool = False) -> Path:
     """Train what is missing, then write the comparison report; returns the path of report.md."""
-    from nnunetv2_llm.compare import compare
+    from nnunetv2_llm.compare import check_comparable, check_output_dir, compare
 
+    check_comparable(trainers, folds)
+    check_output_dir(output_dir, overwrite)
     env = require_nnunet_env()
     dataset_id = nnunet_dataset_id(dataset)
     check_trainer_names(trainers)  # a misspelt name would fail only when its turn to train comes
+    check_training_request(dataset_id, configuration, plans, folds, env)
+    check_device(device)
     prepare_dataset(dataset_id, configuration, plans, env)
     train_all(dataset_id, configuration, trainers, [str(f) for f in folds], env, device, plans)
     return compare(dataset_folder(env["nnUNet_raw"], dataset_id).name, configuration, trainers, folds, output_dir,
-                   plans, results_root=Path(env["nnUNet_results"]), preprocessed_root=Path(env["nnUNet_preprocessed"]))
+                   plans, results_root=Path(env["nnUNet_results"]), preprocessed_root=Path(env["nnUNet_preprocessed"]),
+                   overwrite=overwrite)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -83,12 +90,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "nnUNetTrainerLLMNoLLM_20epochs")
     parser.add_argument("-f", "--folds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("-p", "--plans", default="nnUNetPlans")
-    parser.add_argument("-o", "--output-dir", type=Path, required=True)
+    parser.add_argument("-o", "--output-dir", type=Path, required=True, help="the report's folder: empty or new")
+    parser.add_argument("--overwrite", action="store_true", help="replace the report in a non-empty output folder")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu", "mps"))
 
 
 def main(args: argparse.Namespace) -> int:
     report = head_to_head(args.dataset, args.configuration, args.trainers, args.folds, args.output_dir,
-                          args.device, args.plans)
+                          args.device, args.plans, args.overwrite)
     print(f"report: {report}")
     return 0

@@ -248,7 +248,8 @@ def instantiate_layer(blueprint: LayerBlueprint, config: PretrainedConfig, index
         torch.set_default_dtype(default)
 
 
-def read_layer_state_dict(source: Path, config: PretrainedConfig, index: int, blueprint: LayerBlueprint) -> dict[str, torch.Tensor]:
+def read_layer_state_dict(source: Path, config: PretrainedConfig, index: int,
+                          blueprint: LayerBlueprint) -> dict[str, torch.Tensor]:
     """The state dict of layer ``index`` only, keys relative to the layer (e.g. ``self_attn.q_proj.weight``).
 
     Refuses (LLMSettingError) a layer whose tensors do not match the layer class or hold NaN/Inf: a corrupt

@@ -19,6 +19,12 @@ at the ~1 mm in-plane resolution of typical CT/MR, so it accepts a one-voxel bou
 disagreement and nothing more. Ideally the tolerance is the inter-rater variability of each
 structure (Nikolov et al. 2021, Metrics Reloaded); pass a per-label mapping when that is known.
 Note that with thick slices (e.g. 3 mm) a one-slice shift exceeds 1 mm.
+
+Single-slice volumes: 2D data is often stored as a 1xHxW volume (and nnU-Net's SimpleITK reader gives a 2D
+image a fake first axis with spacing 999 x the largest spacing). A 3D binary erosion treats every voxel of
+such a volume as surface, and the fake axis would dominate the image diagonal, so axes of length 1 are dropped
+together with their spacing (down to two axes) before anything is computed: the case is measured as the 2D
+image it is.
 """
 
 import warnings
@@ -37,12 +43,13 @@ def image_diagonal_mm(shape: Sequence[int], spacing: Sequence[float]) -> float:
 
 
 def binary_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], nsd_tolerance_mm: float) -> dict:
-    """Dice, NSD and HD95 (mm) of two boolean masks of identical 2D or 3D shape.
+    """Dice, NSD and HD95 (mm) of two boolean masks of identical 2D or 3D shape (length-1 axes dropped).
 
     Returns ``{dice, nsd, hd95, ref_empty, pred_empty}`` following the module's empty-mask convention.
     """
     if pred.shape != ref.shape or len(spacing) != ref.ndim:
         raise ValueError(f"shape mismatch: pred {pred.shape}, ref {ref.shape}, spacing {tuple(spacing)}")
+    pred, ref, spacing = _drop_single_slice_axes(pred, ref, spacing)
     ref_empty, pred_empty = not ref.any(), not pred.any()
     out = {"ref_empty": ref_empty, "pred_empty": pred_empty}
     if ref_empty and pred_empty:
@@ -53,13 +60,21 @@ def binary_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], 
     # MONAI wants batch-first, channel-first tensors: [B=1, C=1, *spatial].
     p = torch.from_numpy(np.ascontiguousarray(pred, dtype=np.float32))[None, None]
     r = torch.from_numpy(np.ascontiguousarray(ref, dtype=np.float32))[None, None]
-    spacing = [float(s) for s in spacing]
     with warnings.catch_warnings():  # MONAI 1.5+ warns about its own internal use of a deprecated argument
         warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*", category=FutureWarning)
         dice = compute_dice(p, r, include_background=True, ignore_empty=False)
         nsd = compute_surface_dice(p, r, [float(nsd_tolerance_mm)], include_background=True, spacing=spacing)
         hd95 = compute_hausdorff_distance(p, r, include_background=True, percentile=95, spacing=spacing)
     return {"dice": float(dice), "nsd": float(nsd), "hd95": float(hd95), **out}
+
+
+def _drop_single_slice_axes(
+    pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float]
+) -> tuple[np.ndarray, np.ndarray, list[float]]:
+    """Both masks and the spacing without their length-1 axes, keeping at least two axes (see module doc)."""
+    drop = [axis for axis, n in enumerate(ref.shape) if n == 1][: max(ref.ndim - 2, 0)]
+    keep = [axis for axis in range(ref.ndim) if axis not in drop]
+    return pred.squeeze(tuple(drop)), ref.squeeze(tuple(drop)), [float(spacing[axis]) for axis in keep]
 
 
 def case_metrics(

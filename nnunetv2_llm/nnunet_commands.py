@@ -1,16 +1,19 @@
-"""nnU-Net's own command-line entry points, run as subprocesses, each skipped when its output exists."""
+"""nnU-Net's own command-line entry points, run as subprocesses, each skipped when its output exists, and the checks
+of what they are asked to do (dataset, trainer, configuration, plans, folds, device) before any of them runs."""
 
 from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from nnunetv2_llm.environment import nnunet_env
+from nnunetv2_llm.environment import NNUNET_FOLDERS, nnunet_env
+from nnunetv2_llm.errors import LLMSettingError
 
 FIXTURE = Path(__file__).resolve().parent / "data" / "Task04_Hippocampus"
 
@@ -34,8 +37,6 @@ def run(args: list[str], env: dict[str, str]) -> None:
 
 def nnunet_dataset_id(dataset: str | int) -> int:
     """4, '4', '004' or 'Dataset004_Hippocampus' -> 4."""
-    from nnunetv2_llm.errors import LLMSettingError
-
     text = str(dataset)
     digits = text[len("Dataset"):len("Dataset") + 3] if text.startswith("Dataset") else text
     if not digits.isdigit():
@@ -67,8 +68,6 @@ def check_trainer_names(names: Sequence[str], setting: str = "-tr") -> None:
     (nnU-Net's own trainers, this package's and those under ``$nnUNet_extTrainer``)."""
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-    from nnunetv2_llm.errors import LLMSettingError
-
     unknown = []
     with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net narrates its search
         for name in dict.fromkeys(names):
@@ -83,9 +82,27 @@ def check_trainer_names(names: Sequence[str], setting: str = "-tr") -> None:
                               "check the spelling", setting)
 
 
+def check_device(device: str, setting: str = "--device") -> None:
+    """LLMSettingError when torch cannot use ``device`` ('cuda' or 'mps') here: nnU-Net would fail only after its
+    setup, with a traceback."""
+    if device not in ("cuda", "mps"):
+        return
+    import torch
+
+    if not (torch.cuda.is_available() if device == "cuda" else torch.backends.mps.is_available()):
+        raise LLMSettingError(f"device '{device}' was requested, but torch sees no {device.upper()} device on this "
+                              "machine; use cpu (slow) or a machine with one", setting)
+
+
 def dataset_folder(root: str, dataset_id: int) -> Path | None:
-    """The ``DatasetXXX_*`` folder of ``dataset_id`` under an nnU-Net root, if any."""
-    found = sorted(Path(root).glob(f"Dataset{dataset_id:03d}_*")) if Path(root).is_dir() else []
+    """The ``DatasetXXX_*`` folder of ``dataset_id`` under an nnU-Net root, if any; several are an error (nnU-Net
+    refuses them too)."""
+    found = sorted(p for p in Path(root).glob(f"Dataset{dataset_id:03d}_*") if p.is_dir()) \
+        if Path(root).is_dir() else []
+    if len(found) > 1:
+        raise LLMSettingError(f"dataset id {dataset_id} matches {len(found)} folders in {root} "
+                              f"({', '.join(p.name for p in found)}); nnU-Net finds datasets by id, so rename or "
+                              "remove all but one", "-d")
     return found[0] if found else None
 
 
@@ -98,25 +115,103 @@ def ensure_raw_from_msd(msd_folder: Path, dataset_id: int, env: dict[str, str]) 
 # nnU-Net's planners for its plans presets (ResEnc presets: nnU-Net Revisited).
 PLANNERS = {"nnUNetPlans": "ExperimentPlanner", "nnUNetResEncUNetMPlans": "nnUNetPlannerResEncM",
             "nnUNetResEncUNetLPlans": "nnUNetPlannerResEncL", "nnUNetResEncUNetXLPlans": "nnUNetPlannerResEncXL"}
+# The configurations those planners can write (3d_lowres and the cascade only for large images).
+PLANNED_CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres")
+DEFAULT_FOLDS = 5  # nnU-Net's cross-validation before splits_final.json exists
+
+
+def check_training_request(dataset_id: int, configuration: str, plans: str, folds: Sequence[str | int],
+                           env: Mapping[str, str]) -> None:
+    """LLMSettingError (naming -c, -p or -f) for a configuration the plans lack, plans this package cannot make, or
+    a fold outside the dataset's split, before anything is planned or trained: nnU-Net would re-plan, fall back to
+    its default planner, or train an unknown fold on a random split."""
+    folder = dataset_folder(env["nnUNet_preprocessed"], dataset_id)
+    plans_file = folder / f"{plans}.json" if folder is not None else None
+    if plans_file is not None and plans_file.is_file():
+        available = _planned_configurations(plans_file)
+        where = str(plans_file)
+    elif plans in PLANNERS:
+        available, where = list(PLANNED_CONFIGURATIONS), f"what {PLANNERS[plans]} plans"
+    else:
+        raise LLMSettingError(f"plans '{plans}' do not exist for dataset {dataset_id} (no {plans}.json in "
+                              f"nnUNet_preprocessed), and only {', '.join(PLANNERS)} can be planned here; make your "
+                              "own plans with nnUNetv2_plan_experiment first", "-p")
+    if configuration not in available:
+        raise LLMSettingError(f"configuration '{configuration}' is not in {where} ({', '.join(available)})", "-c")
+    check_folds(folder, folds)
+
+
+def _planned_configurations(plans_file: Path) -> list[str]:
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    try:
+        return PlansManager(str(plans_file)).available_configurations
+    except (ValueError, KeyError, TypeError) as e:
+        raise LLMSettingError(f"{plans_file} is not readable plans ({e}); remove it to re-plan", "-p") from None
+
+
+def check_folds(preprocessed: Path | None, folds: Sequence[str | int], setting: str = "-f") -> None:
+    """Every fold is 'all' or one of the split's (``splits_final.json``; nnU-Net's 5 before it exists)."""
+    splits_file = preprocessed / "splits_final.json" if preprocessed is not None else None
+    try:
+        count = len(json.loads(splits_file.read_text())) if splits_file and splits_file.is_file() else DEFAULT_FOLDS
+    except (OSError, ValueError, TypeError) as e:
+        raise LLMSettingError(f"{splits_file} is unreadable ({e})", "splits_final.json") from None
+    bad = [str(f) for f in folds if str(f) != "all" and not (str(f).isdigit() and int(f) < count)]
+    if bad:
+        raise LLMSettingError(f"fold {', '.join(bad)} is not in the dataset's {count}-fold split: use 0..{count - 1} "
+                              "or all (nnU-Net would train any other fold on a random 80:20 split)", setting)
 
 
 def ensure_preprocessed(dataset_id: int, configuration: str, env: dict[str, str], plans: str = "nnUNetPlans") -> None:
-    if not is_preprocessed(dataset_folder(env["nnUNet_preprocessed"], dataset_id), configuration, plans):
-        planner = ["-pl", PLANNERS[plans]] if plans in PLANNERS else []
-        run(["nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", configuration, *planner,
-             "--verify_dataset_integrity", "-np", "2"], env)
+    """Plan (``PLANNERS``) or preprocess (the user's own plans) unless complete; re-fingerprint a replaced raw dataset."""
+    raw = dataset_folder(env["nnUNet_raw"], dataset_id)
+    folder = dataset_folder(env["nnUNet_preprocessed"], dataset_id)
+    if is_preprocessed(folder, configuration, plans, raw):
+        return
+    changed = raw_dataset_changed(folder, raw)
+    if plans in PLANNERS:
+        run(["nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", configuration, "-pl", PLANNERS[plans],
+             *(["--clean"] if changed else []), "--verify_dataset_integrity", "-np", "2"], env)
+    elif changed:
+        raise LLMSettingError(f"{raw / 'dataset.json'} differs from the one plans '{plans}' were made from "
+                              f"({folder / 'dataset.json'}): re-plan with your planner (nnUNetv2_plan_and_preprocess "
+                              f"-d {dataset_id} -pl PLANNER --clean)", "-p")
+    else:
+        run(["nnUNetv2_preprocess", "-d", str(dataset_id), "-plans_name", plans, "-c", configuration, "-np", "2"], env)
+    if not is_preprocessed(dataset_folder(env["nnUNet_preprocessed"], dataset_id), configuration, plans, raw):
+        raise LLMSettingError(f"nnU-Net's preprocessing did not produce {configuration} of plans '{plans}' for "
+                              f"dataset {dataset_id} (its output above says why)", "-c / -p")
 
 
-def is_preprocessed(folder: Path | None, configuration: str, plans: str) -> bool:
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def raw_dataset_changed(preprocessed: Path | None, raw: Path | None) -> bool:
+    """The raw dataset's dataset.json differs from the copy nnU-Net's planner put beside the preprocessed data."""
+    return preprocessed is not None and raw is not None and (preprocessed / "dataset.json").is_file() and \
+        _read_json(raw / "dataset.json") != _read_json(preprocessed / "dataset.json")
+
+
+def is_preprocessed(folder: Path | None, configuration: str, plans: str, raw: Path | None = None) -> bool:
+    """The configuration is planned and every case preprocessed: nnU-Net creates the data folder first and writes each
+    case's ``.pkl`` last, so an interrupted run leaves fewer than dataset.json's numTraining; with ``raw``, its
+    dataset.json must also be the one the data was made from."""
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    if folder is None or not (folder / f"{plans}.json").is_file():
+    if folder is None or not (folder / f"{plans}.json").is_file() or raw_dataset_changed(folder, raw):
         return False
     try:
         identifier = PlansManager(str(folder / f"{plans}.json")).get_configuration(configuration).data_identifier
-    except (KeyError, RuntimeError):  # configuration not planned (yet)
+    except (KeyError, RuntimeError, ValueError):  # configuration not planned (yet), or unreadable plans
         return False
-    return (folder / identifier).is_dir()
+    expected = (_read_json(folder / "dataset.json") or {}).get("numTraining")
+    data = folder / identifier
+    return data.is_dir() and len(list(data.glob("*.pkl"))) == expected
 
 
 def trainer_fold_dir(env: dict[str, str], dataset_id: int, configuration: str, trainer: str, fold: str,
@@ -145,8 +240,7 @@ def ensure_trained(dataset_id: int, configuration: str, trainer: str, fold: str,
 def demo_env(work_dir: Path) -> dict[str, str]:
     """nnU-Net folders under ``work_dir`` (whatever the shell has set), plus the trainers folder."""
     env = nnunet_env()
-    env.update({name: str(work_dir.resolve() / name) for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")})
-    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+    env.update({name: str(work_dir.resolve() / name) for name in NNUNET_FOLDERS})
+    for name in NNUNET_FOLDERS:
         Path(env[name]).mkdir(parents=True, exist_ok=True)
     return env
-

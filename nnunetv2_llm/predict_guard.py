@@ -1,9 +1,10 @@
 """``nnunetv2_llm predict``: ``nnUNetv2_predict`` with its inputs and model checked first, and no silent overwrite.
 
 Takes nnUNetv2_predict's arguments (-i -o -d -c -f -tr -p -chk -device ...). Before nnU-Net starts:
-every input image is opened with SimpleITK (header, then data), so a broken or truncated file is named in one
-line instead of failing in a worker process; an output folder that already holds predictions is refused unless
-``--overwrite`` or ``--continue_prediction`` (only the missing cases) is given; the model folder, each fold's
+the device must be available; every input image is opened with SimpleITK (header, then data), so a broken or
+truncated file is named in one line instead of failing in a worker process; an output folder that already holds
+predictions is refused unless ``--overwrite`` or ``--continue_prediction`` (only the missing cases) is given, and
+a model or dataset folder always; the model folder (``-d`` resolved to its ``DatasetXXX_Name``), each fold's
 checkpoint and, for nnunetv2_llm trainers, the frozen LLM layer in each checkpoint are checked against the
 model folder's plans.json. Checkpoints are read here with ``torch.load(weights_only=True)``: a checkpoint that
 would need arbitrary unpickling is refused before nnU-Net (which unpickles fully) sees it.
@@ -24,7 +25,8 @@ from pathlib import Path
 
 from nnunetv2_llm.errors import LLMSettingError
 
-KNOWN_ENDINGS = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr", ".tif", ".tiff", ".png", ".bmp", ".b2nd")
+# The file endings of nnU-Net's image readers (SimpleITK, nibabel, tiff, 2-D natural images, blosc2).
+IMAGE_ENDINGS = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr", ".tif", ".tiff", ".png", ".bmp", ".b2nd")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,7 +66,7 @@ def file_ending_of(folder: Path, model_folder: Path | None) -> str:
         except (OSError, ValueError, KeyError):
             pass
     names = [p.name for p in folder.iterdir() if p.is_file()]
-    for ending in KNOWN_ENDINGS:
+    for ending in IMAGE_ENDINGS:
         if any(n.endswith(ending) for n in names):
             return ending
     return ".nii.gz"
@@ -181,12 +183,25 @@ def check_output(output: Path, inputs: Path, ending: str, overwrite: bool, conti
                               "-o")
     if output.exists() and not output.is_dir():
         raise LLMSettingError(f"output '{output}' exists and is not a folder", "-o")
+    check_not_a_dataset_or_model(output)
     existing = sorted(p.name for p in output.glob(f"*{ending}")) if output.is_dir() else []
     if existing and not (overwrite or continue_prediction):
         shown = ", ".join(existing[:3]) + (", ..." if len(existing) > 3 else "")
         raise LLMSettingError(f"output folder '{output}' already holds {len(existing)} prediction(s) ({shown}); "
                               "pass --overwrite to replace them or --continue_prediction to predict only the "
                               "missing cases", "-o")
+
+
+def check_not_a_dataset_or_model(output: Path) -> None:
+    """nnUNetv2_predict also writes dataset.json, plans.json and predict_from_raw_data_args.json into the output
+    folder: one holding the first two without the third is a model or dataset folder, never overwritten."""
+    if (output / "predict_from_raw_data_args.json").is_file():
+        return
+    found = [name for name in ("dataset.json", "plans.json") if (output / name).is_file()]
+    if found:
+        raise LLMSettingError(f"output folder '{output}' holds {' and '.join(found)} but is no earlier prediction "
+                              "(no predict_from_raw_data_args.json): it looks like a model or dataset folder, whose "
+                              "files nnUNetv2_predict would replace; choose a new or empty output folder", "-o")
 
 
 # ------------------------------------------------------------------------------------------------------ model
@@ -251,7 +266,10 @@ def check_model(folder: Path, folds: list[str], checkpoint_name: str) -> None:
 
 # ------------------------------------------------------------------------------------------------------- main
 def check_run_options(args: argparse.Namespace) -> None:
-    """Step size, parts and the cascade's previous-stage folder, before nnU-Net starts."""
+    """Device, step size, parts and the cascade's previous-stage folder, before nnU-Net starts."""
+    from nnunetv2_llm.nnunet_commands import check_device
+
+    check_device(args.device, "-device")
     if args.step_size is not None and not 0 < args.step_size <= 1:
         raise LLMSettingError(f"-step_size {args.step_size} must be in (0, 1]", "-step_size")
     if args.num_parts < 1 or not 0 <= args.part_id < args.num_parts:
@@ -289,7 +307,8 @@ def predict(args: argparse.Namespace) -> int:
     check_model(model, [str(f) for f in args.f], args.chk)
     print(f"nnunetv2_llm predict: {len(images)} input image(s) and {len(args.f)} fold checkpoint(s) checked",
           flush=True)
-    command = ["nnUNetv2_predict", "-i", str(inputs), "-o", str(output), "-d", str(args.d), "-c", args.c,
+    # the resolved folder name: nnU-Net takes any 'Dataset...' text (Dataset004, a typo) as a literal folder name
+    command = ["nnUNetv2_predict", "-i", str(inputs), "-o", str(output), "-d", model.parent.name, "-c", args.c,
                "-f", *[str(f) for f in args.f], "-tr", args.tr, "-p", args.p, "-chk", args.chk, "-device", args.device]
     if args.npp is not None:
         command += ["-npp", str(args.npp)]

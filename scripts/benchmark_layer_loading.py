@@ -27,11 +27,14 @@ import sys
 import time
 from pathlib import Path
 
+from nnunetv2_llm.errors import LLMSettingError, exit_on_setting_error
 from nnunetv2_llm.process_memory import current_rss, peak_rss, reset_peak_rss
 from nnunetv2_llm.report_files import write_json_and_markdown
+from nnunetv2_llm.synthetic_llm import PRESETS, ensure_synthetic_checkpoint, layer_nbytes, write_synthetic_checkpoint
 
 RSS_TARGET = 1.5
 TIME_TARGET_S = 5.0
+SETTINGS = {"source_setting": "--folder", "layer_setting": "--layer-index"}  # this script's names in errors
 
 
 def child_single(folder: str, index: int, channels: int, rank: int) -> dict:
@@ -54,7 +57,7 @@ def child_single(folder: str, index: int, channels: int, rank: int) -> dict:
     reset = reset_peak_rss()
     rss0, peak0 = current_rss(), peak_rss()
     t0 = time.perf_counter()
-    spec, layer_read = make_spec_and_layer("pretrained", folder, index, rank=rank)
+    spec, layer_read = make_spec_and_layer("pretrained", folder, index, rank=rank, **SETTINGS)
     t1 = time.perf_counter()
     rss_spec, peak_spec = current_rss(), peak_rss()
     with reuse_layer(spec, layer_read):
@@ -124,7 +127,8 @@ def run_child(kind: str, args: argparse.Namespace, folder: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--folder", default=None, help="checkpoint folder (written if missing)")
-    parser.add_argument("--preset", default="llama-8b", help="synthetic shapes (tiny-llama for a smoke test)")
+    parser.add_argument("--preset", default="llama-8b", choices=sorted(PRESETS),
+                        help="synthetic shapes (tiny-llama for a smoke test)")
     parser.add_argument("--layers", type=int, default=4, help="decoder layers in the synthetic checkpoint")
     parser.add_argument("--layer-index", type=int, default=2, help="the layer k to build the block from")
     parser.add_argument("--shard-mib", type=float, default=1024, help="shard size when writing the checkpoint")
@@ -141,19 +145,32 @@ def main(argv: list[str] | None = None) -> int:
             else child_full(args.folder, args.layer_index)
         print("RESULT " + json.dumps(result), flush=True)
         return 0
+    with exit_on_setting_error(Path(__file__).name):
+        return run(args)
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from nnunetv2_llm.synthetic_llm import ensure_synthetic_checkpoint, layer_nbytes
 
+def prepare_checkpoint(args: argparse.Namespace) -> Path:
+    """The checkpoint folder (written unless ``--folder`` holds one), with ``args.layer_index`` checked against it and
+    resolved (negative counts from the end) before any measurement."""
+    from nnunetv2_llm.spec import make_spec
+
+    if args.repeats < 1:
+        raise LLMSettingError(f"--repeats must be at least 1, got {args.repeats}", "--repeats")
+    folder = Path(args.folder) if args.folder else None
+    if folder is None or not (folder / "config.json").is_file():
+        if not -args.layers <= args.layer_index < args.layers:  # checked before gigabytes are written
+            raise LLMSettingError(f"layer index {args.layer_index} is out of range: the checkpoint gets --layers "
+                                  f"{args.layers} layers (0..{args.layers - 1})", "--layer-index / --layers")
+        shard_bytes = int(args.shard_mib * 2 ** 20)
+        folder = write_synthetic_checkpoint(folder, args.preset, args.layers, True, shard_bytes) if folder \
+            else ensure_synthetic_checkpoint(args.preset, args.layers, True, shard_bytes)
+    args.layer_index = make_spec("random", str(folder), args.layer_index, **SETTINGS).layer
+    return folder
+
+
+def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
-    if args.folder:
-        folder = Path(args.folder)
-        if not (folder / "config.json").is_file():
-            from nnunetv2_llm.synthetic_llm import write_synthetic_checkpoint
-
-            write_synthetic_checkpoint(folder, args.preset, args.layers, True, int(args.shard_mib * 2 ** 20))
-    else:
-        folder = ensure_synthetic_checkpoint(args.preset, args.layers, True, int(args.shard_mib * 2 ** 20))
+    folder = prepare_checkpoint(args)
     written_s = time.perf_counter() - start
     index = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"] \
         if (folder / "model.safetensors.index.json").is_file() else {}

@@ -97,7 +97,7 @@ def benchmark_run(bench_dir):
     cmd = [sys.executable, "-m", "nnunetv2_llm.cli", "benchmark", "-d", DATASET, "-c", "3d_fullres", "--device", "cpu",
            "-tr", "nnUNetTrainer", "nnUNetTrainerLLM", "nnUNetTrainerLLMNoLLM", "--llm-source", str(source),
            "--iterations", "2", "--warmup", "1", "--batches", "2", "--inference-cases", "2",
-           "--inference-repeats", "1", "--memory-steps", "1", "--output", str(out)]
+           "--inference-repeats", "1", "--memory-steps", "1", "--compile", "--output", str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads((out / "benchmark.json").read_text()), (out / "benchmark.md").read_text(), proc.stdout
@@ -131,6 +131,14 @@ def test_writes_json_and_markdown(benchmark_run):
     assert markdown in stdout  # the table is printed as well
     verdict = next(line for line in markdown.splitlines() if line.startswith("- nnUNetTrainerLLM: step"))
     assert verdict.endswith("(a GPU target)")  # the floor target is judged on CUDA only
+
+
+def test_reports_whether_the_network_ran_compiled(benchmark_run):
+    """--compile asks nnU-Net to compile; on the CPU nnU-Net does not (``_do_i_compile``), and the report says so."""
+    results, markdown, _ = benchmark_run
+    assert results["settings"]["compile_requested"] is True
+    assert not any(row["compiled"] for row in results["results"].values())
+    assert "torch.compile off (requested, but not used" in markdown
 
 
 def test_ratios_are_quotients_of_the_reported_medians(benchmark_run):

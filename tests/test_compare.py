@@ -16,6 +16,7 @@ from scipy import stats
 from nnunetv2_llm.compare import (
     CSV_COLUMNS,
     CompareError,
+    _Case,
     _evaluate_case,
     add_arguments,
     compare,
@@ -156,7 +157,7 @@ def test_training_curves_from_logs_and_checkpoint(layout):
     assert curves.train_loss.tolist() == pytest.approx([0.4, 0.2])
     assert curves.val_loss.tolist() == pytest.approx([0.5, 0.3])
     assert curves.pseudo_dice.tolist() == pytest.approx([0.7, 0.8])
-    assert training_curves(llm_fold.parent / "fold_1") is None
+    assert training_curves(llm_fold.parent / "fold_1") == (None, "no checkpoint or training log found")
 
 
 def test_resumed_log_overrides_epochs(tmp_path):
@@ -209,7 +210,10 @@ def test_ignore_label_voxels_do_not_count(tmp_path):
     pred[2:6, 2:6, 2:8] = 1  # label 1 spills into the ignored region only
     write(tmp_path / "gt.nii.gz", ref)
     write(tmp_path / "pred.nii.gz", pred)
-    (row,) = _evaluate_case((LLM, 0, "c", tmp_path / "pred.nii.gz", tmp_path / "gt.nii.gz", [1], 3, 1.0))
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+
+    (row,) = _evaluate_case(_Case(LLM, 0, "c", tmp_path / "pred.nii.gz", tmp_path / "gt.nii.gz", [1], 3, 1.0,
+                                  SimpleITKIO, "", ""))
     assert (row["dice"], row["nsd"], row["hd95"]) == (1.0, 1.0, 0.0)
 
 
@@ -258,17 +262,18 @@ def test_corrupt_dataset_json_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
     assert len(err) == 1 and f"{trainer_dir / 'dataset.json'} is not readable JSON" in err[0], err
 
 
-def test_unwritable_output_folder_is_one_line_exit_1(layout, tmp_path, monkeypatch, capsys):
-    """An OSError (here: the output folder's parent is a file) is one line naming the path, exit 1."""
+def test_unwritable_output_folder_is_one_line_exit_2(layout, tmp_path, monkeypatch, capsys):
+    """An output folder under a file is refused before anything is computed: one line naming the path, exit 2."""
     from nnunetv2_llm import cli
 
     for name in ("raw", "results", "preprocessed"):
         monkeypatch.setenv(f"nnUNet_{name}", str(layout["root"] / name))
     (tmp_path / "a_file").touch()
     out = tmp_path / "a_file" / "out"
-    assert cli.main(["compare", "-d", "4", "-tr", REF, LLM, "-f", "0", "-o", str(out), "--workers", "1"]) == 1
+    assert cli.main(["compare", "-d", "4", "-tr", REF, LLM, "-f", "0", "-o", str(out), "--workers", "1"]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert err == [f"nnunetv2_llm: error: Not a directory: {out}"]
+    assert err == [f"nnunetv2_llm: error: cannot write the report to {out}: {tmp_path / 'a_file'} exists and is not "
+                   "a folder (fix: -o)"]
 
 
 def test_dataset_json_without_labels_is_one_clear_error():

@@ -6,10 +6,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from test_convert_datafile import CASES, make_task, write_image
+
 from nnunetv2_llm.cli import main as cli_main
 from nnunetv2_llm.convert_datafile import convert_datafile
 from nnunetv2_llm.errors import LLMSettingError
-from tests.test_convert_datafile import CASES, make_task, write_image
 
 
 def truncate(path: Path) -> None:
@@ -90,3 +91,17 @@ def test_home_relative_entries_are_expanded_and_checked(tmp_path, monkeypatch):
     task = make_task(tmp_path, lines=[f"~/{CASES[0]}.nii.gz,labelsTr/{CASES[0]}.nii.gz"])
     with pytest.raises(LLMSettingError, match="line 1 .*outside the task folder"):
         convert_datafile(task, 504, output_root=tmp_path / "raw")
+
+
+def test_overwrite_warns_that_the_preprocessed_data_is_stale(tmp_path, capsys, monkeypatch):
+    """nnU-Net's preprocessed data of a replaced dataset no longer matches it: one warning line on stderr."""
+    task = make_task(tmp_path)
+    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "preprocessed"))
+    convert_datafile(task, 504, output_root=tmp_path / "raw")
+    convert_datafile(task, 504, output_root=tmp_path / "raw", overwrite=True)
+    assert "warning" not in capsys.readouterr().err  # nothing preprocessed yet
+    (tmp_path / "preprocessed" / "Dataset504_Hippocampus").mkdir(parents=True)
+    convert_datafile(task, 504, output_root=tmp_path / "raw", overwrite=True)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Dataset504_Hippocampus holds nnU-Net's preprocessed data" in lines[0]
+    assert "nnUNetv2_plan_and_preprocess -d 504 --clean" in lines[0]

@@ -36,7 +36,9 @@ def test_head_to_head_trains_compares_and_never_retrains(nnunet_workdir, tmp_pat
     checkpoints = {t: trainer_fold_dir(nnunet_workdir, 4, "3d_fullres", t, "0") / "checkpoint_final.pth"
                    for t in (BASELINE, LLM)}
     before = {t: p.stat().st_mtime_ns for t, p in checkpoints.items()}
-    second = cli(args, nnunet_workdir)
+    refused = cli(args, nnunet_workdir)  # the report is there: refused before anything runs
+    assert refused.returncode == 2 and "is not empty" in refused.stderr and "--overwrite" in refused.stderr
+    second = cli([*args, "--overwrite"], nnunet_workdir)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "done, skipped" in second.stderr
     assert {t: p.stat().st_mtime_ns for t, p in checkpoints.items()} == before

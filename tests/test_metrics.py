@@ -95,3 +95,20 @@ def test_2d_and_shape_mismatch():
     assert m["hd95"] == pytest.approx(2.0)  # shift of one column of 2 mm
     with pytest.raises(ValueError):
         case_metrics(pred, ref[:5], (1.0, 2.0), [1])
+
+
+def test_single_slice_volume_is_measured_as_its_2d_image():
+    """2D data stored as 1xHxW (nnU-Net's reader even adds a fake axis of spacing 999): the size-1 axis and its
+    spacing are dropped, so surface distances and the empty-mask diagonal are those of the 2D image."""
+    ref = np.zeros((12, 12), dtype=np.uint8)
+    ref[2:8, 2:6] = 1
+    pred = np.zeros_like(ref)
+    pred[4:10, 2:8] = 1
+    spacing_2d = (0.5, 0.8)
+    expected = binary_metrics(pred > 0, ref > 0, spacing_2d, 1.0)
+    assert expected["nsd"] < 1 and expected["hd95"] > 0
+    for fake_spacing in (999 * 0.8, 3.0):
+        single_slice = binary_metrics(pred[None] > 0, ref[None] > 0, (fake_spacing, *spacing_2d), 1.0)
+        assert single_slice == pytest.approx(expected)
+    empty = binary_metrics(np.zeros((1, 12, 12), bool), ref[None] > 0, (999 * 0.8, *spacing_2d), 1.0)
+    assert empty["hd95"] == pytest.approx(image_diagonal_mm((12, 12), spacing_2d))

@@ -4,7 +4,6 @@ unless opted in (and then tensors only), checkpoints read with weights_only=True
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -167,10 +166,3 @@ def test_tampered_checkpoint_is_refused(workdir, tmp_path, monkeypatch, capsys, 
     assert code == 2 and "holds pickled objects" in err and "(fix: nnUNet_LLM_ALLOW_PICKLE)" in err
     assert not marker.exists()
 
-
-def test_env_documents_the_opt_in():
-    from nnunetv2_llm import llm_source
-
-    assert llm_source.ENV_ALLOW_PICKLE == "nnUNet_LLM_ALLOW_PICKLE"
-    assert "nnUNet_LLM_ALLOW_PICKLE" in (llm_source.__doc__ or "")
-    assert os.environ.get("nnUNet_LLM_ALLOW_PICKLE") is None

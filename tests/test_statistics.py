@@ -35,9 +35,10 @@ def test_holm_hand_example():
     assert holm([0.6, 0.7]) == pytest.approx([1.0, 1.0])  # capped at 1
 
 
-def test_wilcoxon_matches_scipy():
-    d = CANDIDATE - REFERENCE
-    assert wilcoxon_p(d) == pytest.approx(stats.wilcoxon(d).pvalue)
+def test_wilcoxon_against_exact_values():
+    # n = 6 after the zero is dropped, ranks 1..6, W- = 6: 14 of the 2**6 sign patterns have W- <= 6
+    # ({}, {1}, {2}, {3}, {1,2}, {4}, {1,3}, {5}, {1,4}, {2,3}, {6}, {1,5}, {2,4}, {1,2,3}), two-sided p = 2 * 14 / 64.
+    assert wilcoxon_p([0.0, 0.1, 0.2, 0.3, 0.4, 0.5, -0.6]) == pytest.approx(28 / 64)
     assert wilcoxon_p([0.1, 0.2, 0.3, 0.4, 0.5, 0.6]) == pytest.approx(2 / 2**6)  # exact: all positive
     assert wilcoxon_p(np.zeros(5)) == 1.0
     assert np.isnan(wilcoxon_p([]))
