@@ -37,7 +37,7 @@ from nnunetv2_llm.nnunet_commands import (
     nnunet_dataset_id,
 )
 from nnunetv2_llm.process_memory import current_rss, peak_rss, reset_peak_rss
-from nnunetv2_llm.report_files import write_json_and_markdown
+from nnunetv2_llm.report_files import check_report_free, write_json_and_markdown
 
 if TYPE_CHECKING:  # torch and nnU-Net are imported after the environment is set (OpenMP reads it once)
     import torch
@@ -90,6 +90,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "on CUDA). Without it nnUNet_compile=false")
     parser.add_argument("--preprocessed", default=None, help="nnUNet_preprocessed folder (default: the variable)")
     parser.add_argument("--output", default="nnunetv2_llm_benchmark", help="folder for benchmark.json/.md")
+    parser.add_argument("--overwrite", action="store_true", help="replace benchmark.json/.md already in --output")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -139,8 +140,8 @@ def _check_counts(args: argparse.Namespace) -> None:
 
 
 def _check_inputs(args: argparse.Namespace) -> None:
-    """The dataset, its plans, preprocessed data and fold, every trainer class and the device, checked before anything
-    is measured."""
+    """The dataset, its plans, preprocessed data and fold, every trainer class, the output folder and the device,
+    checked before anything is measured."""
     from nnunetv2_llm.errors import LLMSettingError
 
     dataset_id = nnunet_dataset_id(args.dataset)
@@ -153,6 +154,7 @@ def _check_inputs(args: argparse.Namespace) -> None:
                               "-d / -c / -p / --preprocessed")
     check_folds(folder, [args.fold])
     check_trainer_names(args.trainers)
+    check_report_free(args.output, "benchmark", args.overwrite)
     if args.device != "auto":
         check_device(args.device)
 
@@ -244,12 +246,16 @@ def synthetic_batch(trainer: nnUNetTrainer) -> dict[str, torch.Tensor | list[tor
     patch = [int(s) for s in trainer.configuration_manager.patch_size]
     batch_size = trainer.batch_size
     data = torch.randn(batch_size, trainer.num_input_channels, *patch)
-    heads = trainer.label_manager.num_segmentation_heads
+    labels = trainer.label_manager
     scales = trainer._get_deep_supervision_scales() if trainer.enable_deep_supervision else [[1] * len(patch)]
     targets = []
     for scale in scales:
         shape = [int(np.round(p * s)) for p, s in zip(patch, scale)]
-        targets.append(torch.randint(0, heads, (batch_size, 1, *shape)).float())
+        label_map = torch.tensor(labels.all_labels)[torch.randint(0, len(labels.all_labels), (batch_size, 1, *shape))]
+        if labels.has_regions:  # one binary channel per region, as nnU-Net's loader converts region-based targets
+            label_map = torch.cat([torch.isin(label_map, torch.tensor(region).flatten())
+                                   for region in labels.foreground_regions], 1)
+        targets.append(label_map.float())
     return {"data": data, "target": targets if trainer.enable_deep_supervision else targets[0]}
 
 
@@ -455,11 +461,14 @@ def count_flops(trainer: nnUNetTrainer, batch: dict, device: torch.device) -> di
 
 def attention_training_flops(mixer: torch.nn.Module, batch: int, tokens: int) -> int:
     """Attention matmuls of one layer in a training step: forward QK^T and AV (2 x 2 B N^2 H d), backward
-    twice that (gradients of inputs only: the weights are frozen)."""
-    config = getattr(getattr(mixer, "layer", None), "self_attn", None)
-    config = getattr(config, "config", None)
-    if config is None:
+    twice that (gradients of inputs only: the weights are frozen). The heads come from the config of the layer's
+    attention module (``self_attn`` in decoders, ``attention.self`` in BERT); 0 without a layer (no-LLM control)."""
+    layer = getattr(mixer, "layer", None)
+    configs = [m.config for m in layer.modules() if hasattr(getattr(m, "config", None), "num_attention_heads")] \
+        if layer is not None else []
+    if not configs:
         return 0
+    config = configs[0]
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     return 3 * 4 * batch * tokens * tokens * heads * head_dim

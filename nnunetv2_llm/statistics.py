@@ -132,12 +132,13 @@ def holm(p_values: Sequence[float]) -> np.ndarray:
 
 
 def count_outcomes(differences: Sequence[float], spec: MetricSpec) -> tuple[int, int, int]:
-    """Number of cases (better, worse, tied) for the candidate, given ``candidate - reference``."""
+    """Number of cases (better, worse, tied) for the candidate, given ``candidate - reference``; a non-finite
+    difference is none of the three (so the counts then sum to less than the cases)."""
     d = np.asarray(differences, dtype=float)
     gain = d if spec.higher_is_better else -d
     better = int(np.sum(gain > spec.tie_tolerance))
     worse = int(np.sum(gain < -spec.tie_tolerance))
-    return better, worse, d.size - better - worse
+    return better, worse, int(np.sum(np.isfinite(d))) - better - worse
 
 
 def paired_comparison(candidate: Sequence[float], reference: Sequence[float], metric: str) -> PairedResult:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from nnunetv2_llm.errors import LLMSettingError, exit_on_setting_error
 from nnunetv2_llm.process_memory import current_rss, peak_rss, reset_peak_rss
-from nnunetv2_llm.report_files import write_json_and_markdown
+from nnunetv2_llm.report_files import check_report_free, write_json_and_markdown
 from nnunetv2_llm.synthetic_llm import PRESETS, ensure_synthetic_checkpoint, layer_nbytes, write_synthetic_checkpoint
 
 RSS_TARGET = 1.5
@@ -137,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--channels", type=int, default=256, help="bottleneck channels (Hippocampus 3d_fullres: 256)")
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--output", default="layer_loading_benchmark", help="folder for the JSON and markdown")
+    parser.add_argument("--overwrite", action="store_true", help="replace layer_loading.json/.md already in --output")
     parser.add_argument("--child", choices=("single", "full"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -169,6 +170,7 @@ def prepare_checkpoint(args: argparse.Namespace) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_report_free(args.output, "layer_loading", args.overwrite)
     start = time.perf_counter()
     folder = prepare_checkpoint(args)
     written_s = time.perf_counter() - start

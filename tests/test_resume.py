@@ -197,7 +197,7 @@ def test_a_temporary_being_written_by_a_running_process_is_kept(tmp_path):
     import subprocess
     import sys
 
-    from nnunetv2_llm.trainers.reliability import TMP_MARKER, remove_stale_temporaries
+    from nnunetv2_llm.atomic_files import TMP_MARKER, remove_stale_temporaries
 
     writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
@@ -218,7 +218,8 @@ def test_kill_during_checkpoint_write(tmp_path, mode):
     import subprocess
     import sys
 
-    from nnunetv2_llm.trainers.reliability import atomic_torch_save, remove_stale_temporaries
+    from nnunetv2_llm.atomic_files import remove_stale_temporaries
+    from nnunetv2_llm.trainers.reliability import atomic_torch_save
 
     target = tmp_path / "checkpoint_latest.pth"
     atomic_torch_save({"version": 1, "network_weights": {"w": torch.zeros(3)}}, target)

@@ -70,6 +70,7 @@ def test_count_outcomes_direction_and_ties():
     assert count_outcomes(d, METRICS["dice"]) == (2, 1, 2)
     assert count_outcomes(d, METRICS["hd95"]) == (1, 1, 3)  # lower is better; |d| <= 0.01 mm is a tie
     assert count_outcomes([-2.0, 1.0, 0.005], METRICS["hd95"]) == (1, 1, 1)
+    assert count_outcomes([0.1, np.nan, -0.1, 0.0], METRICS["dice"]) == (1, 1, 1)  # NaN is not a tie
 
 
 def test_paired_comparison():

@@ -40,14 +40,14 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from collections.abc import Iterator
-from typing import IO, Any, NoReturn
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
 from torch import autocast
 from torch import distributed as dist
 
+from nnunetv2_llm.atomic_files import atomic_file, remove_stale_temporaries
 from nnunetv2_llm.errors import LLMSettingError
 from nnunetv2_llm.llm_source import ENV_ALLOW_PICKLE, pickle_allowed
 
@@ -55,38 +55,10 @@ ENV_SEED = "nnUNet_LLM_SEED"
 ENV_SAVE_EVERY = "nnUNet_LLM_SAVE_EVERY"
 ENV_MAX_NONFINITE = "nnUNet_LLM_MAX_NONFINITE"
 CHECKPOINT_ORDER = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")  # nnU-Net's --c order
-TMP_MARKER = ".tmp-"
 EXIT_NONFINITE = 3
 
 
 # ----------------------------------------------------------------------------------------------- atomic files
-def _fsync_folder(folder: str) -> None:
-    with contextlib.suppress(OSError, AttributeError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-@contextlib.contextmanager
-def atomic_file(filename: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
-    """Write ``filename`` through a temporary file in the same folder that replaces it only when complete."""
-    filename = os.fspath(filename)
-    tmp = f"{filename}{TMP_MARKER}{os.getpid()}"
-    try:
-        with open(tmp, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, filename)
-    except BaseException:  # including SystemExit from a signal handler: never leave the temporary behind
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-    _fsync_folder(os.path.dirname(os.path.abspath(filename)))
-
-
 def atomic_torch_save(obj: Any, filename: str | os.PathLike) -> None:
     with atomic_file(filename, "wb") as f:
         torch.save(obj, f)
@@ -96,30 +68,6 @@ def atomic_save_json(obj: Any, filename: str | os.PathLike, indent: int = 4, sor
     """Same output as batchgenerators' ``save_json`` (which nnU-Net uses), written atomically."""
     with atomic_file(filename, "w") as f:
         json.dump(obj, f, sort_keys=sort_keys, indent=indent)
-
-
-def remove_stale_temporaries(folder: str | os.PathLike) -> list[str]:
-    """Temporaries left by a process killed while writing (SIGKILL cannot clean up). A temporary whose writer (the
-    pid in its name) is still running on this machine is kept: another fold started in parallel may be writing it."""
-    removed = []
-    for path in Path(folder).glob(f"*{TMP_MARKER}*"):
-        if path.is_file() and not _process_alive(path.name.rpartition(TMP_MARKER)[2]):
-            with contextlib.suppress(OSError):
-                path.unlink()
-                removed.append(path.name)
-    return removed
-
-
-def _process_alive(pid: str) -> bool:
-    if not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)  # signal 0: only checks that the process exists
-    except (ProcessLookupError, OverflowError):
-        return False
-    except PermissionError:  # it exists, owned by another user
-        return True
-    return True
 
 
 # ------------------------------------------------------------------------------------------ safe checkpoints

@@ -1,0 +1,59 @@
+"""Pieces of ``nnunetv2_llm benchmark`` checked without running it: the analytic attention FLOPs of each layer
+family, synthetic targets for region-based datasets, and the refusal to overwrite an earlier report."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import save_tiny_model
+from nnunetv2_llm.benchmark import attention_training_flops, synthetic_batch
+from nnunetv2_llm.errors import LLMSettingError
+from nnunetv2_llm.network import build_mixer
+from nnunetv2_llm.report_files import check_report_free, write_json_and_markdown
+from nnunetv2_llm.spec import make_spec
+
+
+@pytest.mark.parametrize("model_type", ["llama", "bert"])
+def test_attention_flops_are_counted_for_every_family(tmp_path, model_type):
+    """Forward QK^T and AV, 2 x 2 B N^2 H d, and twice that for the input gradients; 4 heads of 16 here."""
+    mixer = build_mixer(make_spec("pretrained", source=str(save_tiny_model(tmp_path, model_type)), layer=0, rank=4))
+    assert attention_training_flops(mixer, batch=2, tokens=10) == 3 * 4 * 2 * 10 ** 2 * 4 * 16
+    assert attention_training_flops(torch.nn.Identity(), batch=2, tokens=10) == 0  # the no-LLM control
+
+
+def _trainer(labels: dict, regions_class_order: list[int] | None) -> SimpleNamespace:
+    from nnunetv2.utilities.label_handling.label_handling import LabelManager
+
+    return SimpleNamespace(configuration_manager=SimpleNamespace(patch_size=(8, 8, 8)), batch_size=2,
+                           num_input_channels=1, label_manager=LabelManager(labels, regions_class_order),
+                           enable_deep_supervision=False)
+
+
+def test_synthetic_targets_of_a_region_based_dataset_fit_nnunets_loss():
+    from nnunetv2.training.loss.compound_losses import DC_and_BCE_loss
+    from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+
+    trainer = _trainer({"background": 0, "whole": [1, 2, 3], "core": [2, 3], "enhancing": 3}, [1, 2, 3])
+    target = synthetic_batch(trainer)["target"]
+    assert target.shape == (2, 3, 8, 8, 8) and set(target.unique().tolist()) == {0.0, 1.0}
+    assert torch.all(target[:, 0] >= target[:, 1]) and torch.all(target[:, 1] >= target[:, 2])  # nested regions
+    loss = DC_and_BCE_loss({}, {"batch_dice": False, "do_bg": True, "smooth": 1e-5, "ddp": False},
+                           use_ignore_label=False, dice_class=MemoryEfficientSoftDiceLoss)
+    assert torch.isfinite(loss(torch.randn(2, 3, 8, 8, 8), target))
+
+
+def test_synthetic_targets_of_a_label_dataset_are_label_maps():
+    target = synthetic_batch(_trainer({"background": 0, "a": 1, "b": 2}, None))["target"]
+    assert target.shape == (2, 1, 8, 8, 8) and set(target.unique().tolist()) == {0.0, 1.0, 2.0}
+
+
+def test_an_earlier_report_is_kept_unless_overwrite(tmp_path):
+    write_json_and_markdown(tmp_path, "benchmark", {"step": 1}, "first")
+    with pytest.raises(LLMSettingError, match="already holds benchmark.json and benchmark.md"):
+        check_report_free(tmp_path, "benchmark", overwrite=False)
+    check_report_free(tmp_path, "benchmark", overwrite=True)
+    check_report_free(tmp_path / "new", "benchmark", overwrite=False)
+    assert not list(tmp_path.glob("*.tmp-*"))  # written through temporaries, none left
