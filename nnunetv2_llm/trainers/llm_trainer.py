@@ -12,8 +12,8 @@ from torch import nn
 
 from nnunetv2_llm.errors import LLMSettingError, exit_on_setting_error
 from nnunetv2_llm.network import build_llm_unet, reuse_layer
-from nnunetv2_llm.spec import FROZEN_PREFIX, PLANS_KEY, BottleneckSpec, make_spec_and_layer
-from nnunetv2_llm.trainers.reliability import ReliabilityMixin
+from nnunetv2_llm.spec import FROZEN_PREFIX, PLANS_KEY, BottleneckSpec, frozen_layer_sha256, make_spec_and_layer
+from nnunetv2_llm.trainers.reliability import ReliabilityMixin, raise_setting_error, unwrap_network
 
 
 class nnUNetTrainerLLM(ReliabilityMixin, nnUNetTrainer):
@@ -48,6 +48,25 @@ class nnUNetTrainerLLM(ReliabilityMixin, nnUNetTrainer):
         with reuse_layer(self.llm_spec, self._layer_read):
             super().initialize()
         self._layer_read = None
+        self._built_layer_sha256 = self._frozen_layer_sha256()
+
+    def _frozen_layer_sha256(self) -> str | None:
+        if self.llm_spec.mixer == "identity":
+            return None
+        return frozen_layer_sha256(unwrap_network(self.network).state_dict(), self.llm_spec.dtype, self.frozen_prefix)
+
+    def on_train_start(self) -> None:
+        """nnU-Net's ``-pretrained_weights`` copies every tensor whose name and shape match, the frozen layer's too:
+        a run would then train on another layer than configured (or a random control on a pre-trained one)."""
+        if not self.was_initialized:
+            self.initialize()
+        if self._frozen_layer_sha256() != self._built_layer_sha256:
+            raise_setting_error(
+                f"the frozen LLM layer was replaced after the network was built (by -pretrained_weights?), so this run "
+                f"would not train with layer {self.llm_spec.layer} of {self.llm_spec.source} ({self.llm_spec.mixer}). "
+                "Start from weights of a run with the same LLM settings, or without -pretrained_weights",
+                "-pretrained_weights")
+        super().on_train_start()
 
     def _check_model_folder(self, spec: BottleneckSpec) -> None:
         """Refuse to mix LLM choices in one model folder (other folds, or a `--c` resume)."""

@@ -13,7 +13,7 @@
   allowed), so a tampered checkpoint cannot run code; an unreadable one is renamed ``*.corrupt`` (kept, not
   deleted): ``checkpoint_latest.pth`` then falls back to ``checkpoint_best.pth``, while an unreadable
   ``checkpoint_final.pth`` stops with a message (``--val`` must never validate an unfinished state; re-running
-  with ``--c`` continues from the latest checkpoint). Before nnU-Net loads it, the checkpoint is checked
+  with ``--c`` continues from the latest checkpoint, or from the best one once a finished run removed the latest). Before nnU-Net loads it, the checkpoint is checked
   against the network built from the current settings (shapes, and the frozen LLM layer's checksum), and a
   line with checksums of the loaded state goes to the training log.
 - A non-finite loss (or, without a GradScaler, a non-finite gradient norm) skips that optimizer step, so the
@@ -24,8 +24,12 @@
 - SIGTERM (cluster time limits, ``kill``) ends training with a one-line message saying which epoch
   ``--c`` continues from, instead of dying mid-write; SIGKILL cannot be caught, and atomic writes cover it.
 - ``nnUNet_LLM_SEED=S`` seeds Python, NumPy and torch before the network is built and before the data loaders
-  start (on resume with ``S + epoch``): with ``nnUNet_n_proc_DA=0`` (augmentation in the main process) two runs on
-  the same machine give the same losses. Unset, nnU-Net's default (unseeded) behaviour is kept.
+  start (on resume with ``S + epoch``): with ``nnUNet_n_proc_DA=0`` (augmentation in the main process) two CPU runs
+  on the same machine give the same losses. On CUDA nnU-Net turns on ``cudnn.benchmark`` (non-deterministic
+  algorithms) and torch.compile, so GPU runs are seeded but not bit-reproducible. Unset, nnU-Net's default
+  (unseeded) behaviour is kept.
+- A fresh start (epoch 0) in a fold folder with an earlier ``checkpoint_final.pth`` renames that file
+  (``*.previous-<time>``), so an interrupted new run's ``--c`` cannot pick the old one up.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import random
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -280,6 +285,7 @@ class ReliabilityMixin:
             if removed:
                 self.print_to_log_file(f"nnunetv2_llm: removed unfinished temporary files {removed} "
                                        "(left by a process killed while writing)")
+            self._set_aside_earlier_final_checkpoint()
         if self.llm_seed is not None:
             if not self.was_initialized:
                 self.initialize()
@@ -290,6 +296,18 @@ class ReliabilityMixin:
             self._last_saved_epoch = self.current_epoch - 1
         with _atomic_json_in_nnunet_trainer():
             super().on_train_start()
+
+    def _set_aside_earlier_final_checkpoint(self) -> None:
+        """A training started afresh (epoch 0) in a fold folder that holds a finished run's checkpoint_final.pth: if
+        it were left there, an interrupted new run's ``--c`` would load that old final (nnU-Net prefers it), skip
+        training and delete the new run's checkpoint_latest.pth. It is renamed, not deleted."""
+        final = os.path.join(self.output_folder, CHECKPOINT_ORDER[0])
+        if self.current_epoch != 0 or not os.path.isfile(final):
+            return
+        kept = f"{final}.previous-{time.strftime('%Y%m%d-%H%M%S')}"
+        os.replace(final, kept)
+        self.print_to_log_file(f"nnunetv2_llm: this fold starts afresh; the earlier run's {CHECKPOINT_ORDER[0]} is kept "
+                               f"as {os.path.basename(kept)}", also_print_to_console=True)
 
     def on_train_end(self) -> None:
         try:
@@ -314,7 +332,9 @@ class ReliabilityMixin:
                 # the trainer's own handler runs. So keep working for a grace period: the trainer stops the
                 # workers cleanly; if it does not (it was not signalled), die anyway.
                 signal.signal(signum, signal.SIG_DFL)
-                threading.Timer(5.0, os.kill, (os.getpid(), signal.SIGKILL)).start()
+                timer = threading.Timer(5.0, os.kill, (os.getpid(), signal.SIGKILL))
+                timer.daemon = True  # a non-daemon timer would hold up every normal exit of the worker by 5 s
+                timer.start()
                 return
             self._restore_sigterm_handler()
             self._stop_data_loaders()
@@ -355,15 +375,26 @@ class ReliabilityMixin:
             "optimizer_state": self.optimizer.state_dict(),
             "grad_scaler_state": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
             "logging": self.logger.get_checkpoint(),
-            "_best_ema": self._best_ema,
+            "_best_ema": self._best_ema_with_last_epoch(),
             "current_epoch": self.current_epoch + 1,
             "init_args": self.my_init_kwargs,
             "trainer_name": self.__class__.__name__,
             "inference_allowed_mirroring_axes": self.inference_allowed_mirroring_axes,
         }
 
+    def _best_ema_with_last_epoch(self) -> float | None:
+        """The best EMA pseudo Dice including the last logged epoch. nnU-Net's on_epoch_end saves
+        checkpoint_latest.pth before it updates ``_best_ema``; storing the value before that update made a resumed
+        run take its next epoch for a new best and overwrite a better checkpoint_best.pth (this package saves the
+        latest checkpoint every epoch, so nearly every resume was exposed). Same comparison as nnU-Net's."""
+        emas = self.logger.get_value("ema_fg_dice", step=None)
+        if emas and (self._best_ema is None or emas[-1] > self._best_ema):
+            return emas[-1]
+        return self._best_ema
+
     def save_checkpoint(self, filename: str) -> None:
-        """nnU-Net's checkpoint (same keys and values), written atomically."""
+        """nnU-Net's checkpoint (same keys and values, except ``_best_ema``: see ``_best_ema_with_last_epoch``),
+        written atomically."""
         if self.local_rank != 0:
             return
         if self.disable_checkpointing:
@@ -437,9 +468,13 @@ class ReliabilityMixin:
                 self.print_to_log_file(f"nnunetv2_llm: WARNING: {name} is unreadable ({e.reason}); kept as "
                                        f"{os.path.basename(kept)}, trying the next checkpoint")
         if base == CHECKPOINT_ORDER[0]:
-            raise_setting_error(f"{filename} is unreadable: {'; '.join(problems)}. Run the same nnUNetv2_train "
-                                "command with --c to continue from checkpoint_latest.pth (or checkpoint_best.pth)",
-                                "--c")
+            raise_setting_error(f"{filename} is unreadable: {'; '.join(problems)}. Run the nnUNetv2_train command "
+                                "again with --c (instead of --val, if you used it): it continues from checkpoint_latest.pth, or from "
+                                "checkpoint_best.pth when the finished run removed the latest one, and trains the "
+                                "remaining epochs again", "--c")
+        if base == CHECKPOINT_ORDER[2] and os.path.isfile(os.path.join(folder, CHECKPOINT_ORDER[0])):
+            raise_setting_error(f"{filename} is unreadable: {'; '.join(problems)}. {CHECKPOINT_ORDER[0]} is there: "
+                                "validate it with --val without --val_best", "--val_best")
         raise_setting_error(f"no readable checkpoint in {folder}: {'; '.join(problems) or 'none found'}. Start "
                             "again without --c (the unreadable files are kept)", "--c")
 
