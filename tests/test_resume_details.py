@@ -90,3 +90,36 @@ def test_pretrained_weights_replacing_the_frozen_layer_stop_training(workdir, tm
         trainer.on_train_start()
     assert exit_info.value.code == 2
     assert "replaced after the network was built" in capsys.readouterr().err
+
+
+def test_a_worker_told_to_stop_after_sigterm_exits_cleanly():
+    """Forked augmentation workers inherit the SIGTERM handler: a signalled worker that is then stopped by the
+    trainer exits normally, not held up (and finally SIGKILLed) by the handler's grace-period timer."""
+    import multiprocessing
+    import signal
+    import time
+
+    class Trainer(ReliabilityMixin):
+        def __init__(self):  # only the signal handling
+            self._previous_sigterm = None
+
+    trainer = Trainer()
+    trainer._install_sigterm_handler()
+    try:
+        context = multiprocessing.get_context("fork")
+        stop = context.Event()
+        worker = context.Process(target=_wait_for, args=(stop,), daemon=True)
+        worker.start()
+        time.sleep(0.5)
+        os.kill(worker.pid, signal.SIGTERM)
+        time.sleep(0.1)
+        stop.set()
+        worker.join(timeout=30)
+    finally:
+        trainer._restore_sigterm_handler()
+    assert worker.exitcode == 0
+
+
+def _wait_for(stop) -> None:
+    while not stop.is_set():
+        stop.wait(0.05)
