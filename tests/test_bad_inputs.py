@@ -291,7 +291,8 @@ def test_truncated_checkpoint_falls_back_to_the_next_one(workdir, tmp_path, monk
     with pytest.raises(SystemExit) as exit_info:
         final.load_checkpoint(str(folder / "checkpoint_final.pth"))
     assert exit_info.value.code == 2
-    assert "with --c to continue from checkpoint_latest.pth" in capsys.readouterr().err
+    assert "again with --c (instead of --val, if you used it): it continues from checkpoint_latest.pth" in \
+        capsys.readouterr().err
     assert (folder / "checkpoint_final.pth.corrupt").is_file() and not (folder / "checkpoint_final.pth").exists()
 
     (folder / "checkpoint_best.pth").write_bytes(b"")
