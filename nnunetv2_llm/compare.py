@@ -87,8 +87,10 @@ def check_comparable(trainers: Sequence[str], folds: Sequence[int], trainer_sett
 def check_output_dir(output_dir: Path, overwrite: bool, keep: Sequence[str] = ()) -> None:
     """CompareError when ``output_dir`` cannot be a folder, or already holds entries (other than names matching
     the glob patterns ``keep``) and ``overwrite`` is False."""
+    from nnunetv2_llm.dataset_checks import file_in_the_way
+
     output_dir = Path(output_dir)
-    blocking = next((p for p in (output_dir, *output_dir.parents) if p.exists() and not p.is_dir()), None)
+    blocking = file_in_the_way(output_dir)
     if blocking is not None:
         raise CompareError(f"cannot write the report to {output_dir}: {blocking} exists and is not a folder", "-o")
     held = sorted(p.name for p in output_dir.iterdir() if not any(fnmatch(p.name, k) for k in keep)) \

@@ -21,7 +21,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from nnunetv2_llm.dataset_checks import path_inside
+from nnunetv2_llm.dataset_checks import file_in_the_way, path_inside
 from nnunetv2_llm.errors import LLMSettingError
 from nnunetv2_llm.nnunet_commands import dataset_folder
 from nnunetv2_llm.predict_guard import IMAGE_ENDINGS, check_image
@@ -281,14 +281,13 @@ def target_folder(output_root: Path, dataset_id: int, name: str, overwrite: bool
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) or ".." in name:
         raise LLMSettingError(f"dataset name '{name}' must be letters, digits, '_', '-' or '.'", "--name")
     target = output_root / f"Dataset{dataset_id:03d}_{name}"
-    blocking = next((p for p in (target, output_root, *output_root.parents) if p.exists() and not p.is_dir()), None)
+    blocking = file_in_the_way(target)
     if blocking is not None:
         raise LLMSettingError(f"cannot write {target}: {blocking} exists and is not a folder",
                               "--output-root / nnUNet_raw")
-    resolved = target.resolve()
     for path in inputs:
         path = path.resolve()
-        if path == resolved or path in resolved.parents or resolved in path.parents:
+        if path_inside(path, target) or path_inside(target, path):
             raise LLMSettingError(f"the dataset folder {target} would be, hold or sit inside the input {path}; "
                                   "the input would be overwritten or deleted, so write the dataset elsewhere",
                                   "--output-root / --name / -d")

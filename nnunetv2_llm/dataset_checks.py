@@ -176,6 +176,11 @@ def path_inside(folder: Path, value: str | os.PathLike) -> Path | None:
     return resolved if resolved == root or root in resolved.parents else None
 
 
+def file_in_the_way(folder: Path) -> Path | None:
+    """The first of ``folder`` and its parents that exists but is not a folder (so ``folder`` cannot be created)."""
+    return next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+
+
 def check_dataset_json_paths(folder: str | os.PathLike) -> None:
     """Raise ``LLMSettingError`` when a path named in ``folder/dataset.json`` leaves ``folder``.
 

@@ -48,7 +48,8 @@ class nnUNetTrainerLLM(ReliabilityMixin, nnUNetTrainer):
         with reuse_layer(self.llm_spec, self._layer_read):
             super().initialize()
         self._layer_read = None
-        self._built_layer_sha256 = self._frozen_layer_sha256()
+        # a pre-trained layer's build took the very tensors whose checksum make_spec_and_layer computed (reuse_layer)
+        self._built_layer_sha256 = self.llm_spec.layer_sha256 or self._frozen_layer_sha256()
 
     def _frozen_layer_sha256(self) -> str | None:
         if self.llm_spec.mixer == "identity":
