@@ -146,8 +146,7 @@ def _check_inputs(args: argparse.Namespace) -> None:
 
     dataset_id = nnunet_dataset_id(args.dataset)
     folder = dataset_folder(os.environ["nnUNet_preprocessed"], dataset_id)
-    if folder is None or not (folder / "dataset.json").is_file() or not is_preprocessed(
-            folder, args.configuration, args.plans):
+    if not is_preprocessed(folder, args.configuration, args.plans):  # also false without folder or dataset.json
         where = folder or f"Dataset{dataset_id:03d}_* in {os.environ['nnUNet_preprocessed']}"
         raise LLMSettingError(f"{where} is not preprocessed for {args.plans} {args.configuration}: run "
                               f"nnUNetv2_plan_and_preprocess -d {dataset_id} -c {args.configuration}",
@@ -464,11 +463,10 @@ def attention_training_flops(mixer: torch.nn.Module, batch: int, tokens: int) ->
     twice that (gradients of inputs only: the weights are frozen). The heads come from the config of the layer's
     attention module (``self_attn`` in decoders, ``attention.self`` in BERT); 0 without a layer (no-LLM control)."""
     layer = getattr(mixer, "layer", None)
-    configs = [m.config for m in layer.modules() if hasattr(getattr(m, "config", None), "num_attention_heads")] \
-        if layer is not None else []
-    if not configs:
+    config = next((m.config for m in layer.modules() if hasattr(getattr(m, "config", None), "num_attention_heads")),
+                  None) if layer is not None else None
+    if config is None:
         return 0
-    config = configs[0]
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     return 3 * 4 * batch * tokens * tokens * heads * head_dim

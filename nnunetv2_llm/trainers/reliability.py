@@ -499,7 +499,7 @@ class ReliabilityMixin:
         from nnunetv2_llm.spec import frozen_layer_sha256
 
         saved_sha = frozen_layer_sha256(saved, spec.dtype, self.frozen_prefix)
-        expected = spec.layer_sha256 or frozen_layer_sha256(own, spec.dtype, self.frozen_prefix)
+        expected = self._built_layer_sha256  # the LLM trainer's initialize, run before any load
         if saved_sha != expected:
             raise_setting_error(
                 f"the frozen LLM layer in {used} differs from layer {spec.layer} of {spec.source} "
