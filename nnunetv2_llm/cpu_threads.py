@@ -25,11 +25,12 @@ _threads = threading.local()  # .all: the caller's thread count while an element
 @contextlib.contextmanager
 def elementwise_on_one_thread(x: torch.Tensor) -> Iterator[None]:
     """Within this block, CPU inference on ``x``'s device runs on one thread, except inside ``all_threads``."""
-    n = torch.get_num_threads()
-    if (n == 1 or x.device.type != "cpu" or torch.is_grad_enabled() or torch.compiler.is_compiling()
-            or getattr(_threads, "all", None) is not None):
+    # is_compiling first: torch.get_num_threads() is a graph break that makes dynamo run the whole block eager
+    if (torch.compiler.is_compiling() or x.device.type != "cpu" or torch.is_grad_enabled()
+            or getattr(_threads, "all", None) is not None or torch.get_num_threads() == 1):
         yield
         return
+    n = torch.get_num_threads()
     _threads.all = n
     torch.set_num_threads(1)
     try:
