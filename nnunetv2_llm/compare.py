@@ -635,8 +635,8 @@ def _budget_warning(
 
 
 def _llm_cells(trainer_dir: Path) -> list[str]:
-    """LLM mixer, source, layer and layer sha256 (first 12 digits) from the model folder's plans.json, where
-    nnunetv2_llm's trainers store them; '-' for a plain nnU-Net trainer."""
+    """LLM mixer, source, layer, the layer's dtype and sha256 (first 12 digits) from the model folder's plans.json,
+    where nnunetv2_llm's trainers store them; '-' for a plain nnU-Net trainer."""
     from nnunetv2_llm.spec import PLANS_KEY
 
     path = trainer_dir / "plans.json"
@@ -645,11 +645,12 @@ def _llm_cells(trainer_dir: Path) -> list[str]:
     except (OSError, ValueError, AttributeError):
         block = "unreadable plans.json"
     if block is None:
-        return ["-"] * 4
+        return ["-"] * 5
     if not isinstance(block, dict):
-        return [str(block) if isinstance(block, str) else f"malformed `{PLANS_KEY}`", "?", "?", "?"]
+        return [str(block) if isinstance(block, str) else f"malformed `{PLANS_KEY}`", "?", "?", "?", "?"]
     lora = f" + LoRA rank {block['lora_rank']}" if block.get("lora_rank") else ""
     return [f"{block.get('mixer', '?')}{lora}", f"`{block.get('source', '?')}`", str(block.get("layer", "?")),
+            str(block.get("dtype", "?")) if block.get("mixer") != "identity" else "-",
             (block.get("layer_sha256") or "-")[:12]]
 
 
@@ -663,7 +664,8 @@ def _settings_lines(
     lines = ["## What each trainer was trained with", "",
              "LLM block from the model folder's plans.json (key `nnunetv2_llm`); epochs trained = length of the "
              "training curves (see Training curves).", "",
-             "| Trainer | LLM mixer | source | layer | layer sha256 | epochs trained |", "|---|---|---|---|---|---|"]
+             "| Trainer | LLM mixer | source | layer | layer dtype | layer sha256 | epochs trained |",
+             "|---|---|---|---|---|---|---|"]
     for t in trainers:
         counts = ["?" if epochs[(t, f)] is None else str(epochs[(t, f)]) for f in folds]
         epochs_cell = counts[0] if len(set(counts)) == 1 else ", ".join(f"fold {f}: {n}" for f, n in zip(folds, counts))

@@ -8,7 +8,8 @@ Choices (documented in the README):
   (the position scheme the layer was pre-trained with); BERT layers take no positions (BERT's absolute
   position embeddings live in its embedding layer, which is not used).
 - Numerics: the layer runs with autocast disabled in its own dtype (float32 for GGUF and float32 sources,
-  bfloat16 for bfloat16 and float16 sources), so nnU-Net's fp16 autocast on CUDA cannot overflow it.
+  bfloat16 for bfloat16 and float16 sources, unless the trainer asks for bfloat16: ``nnUNetTrainerLLM_bf16``),
+  so nnU-Net's fp16 autocast on CUDA cannot overflow it.
 - Speed (issue 4, measured in BENCHMARKS.md): on a GPU the layer's ~170 small kernels per training step are
   bound by Python/dispatch time, not by FLOPs. Two things cut that without changing the result: the rotary
   tables (cos, sin) are computed once per token count, device and dtype and reused (they depend on nothing
@@ -98,10 +99,10 @@ class FrozenLLMLayer(nn.Module):
 
     @classmethod
     def from_state_dict(cls, blueprint: LayerBlueprint, config: PretrainedConfig, index: int,
-                        state_dict: dict[str, torch.Tensor]) -> "FrozenLLMLayer":
-        """Build the layer on the meta device and assign the loaded tensors (no second copy), all in the
-        ``weights_dtype`` of the layer's ``storage_dtype``."""
-        dtype = weights_dtype(storage_dtype(state_dict))
+                        state_dict: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> "FrozenLLMLayer":
+        """Build the layer on the meta device and assign the loaded tensors (no second copy where they already
+        are in ``dtype``), in ``dtype``; None: the ``weights_dtype`` of the layer's ``storage_dtype``."""
+        dtype = dtype or weights_dtype(storage_dtype(state_dict))
         layer = instantiate_layer(blueprint, config, index, "meta")
         layer.load_state_dict({k: v.to(dtype) for k, v in state_dict.items()}, strict=True, assign=True)
         return cls(layer, _rotary(blueprint, config))

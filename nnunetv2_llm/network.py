@@ -70,7 +70,7 @@ def build_mixer(spec: BottleneckSpec, from_checkpoint: bool = False) -> nn.Modul
     if state is None and spec.mixer == "pretrained" and not from_checkpoint:
         state = read_layer_state_dict(Path(spec.source), config, spec.layer, blueprint)
     if state is not None:
-        mixer = FrozenLLMLayer.from_state_dict(blueprint, config, spec.layer, state)
+        mixer = FrozenLLMLayer.from_state_dict(blueprint, config, spec.layer, state, getattr(torch, spec.dtype))
     else:
         mixer = FrozenLLMLayer.random(blueprint, config, spec.layer, spec.seed, getattr(torch, spec.dtype))
     if spec.lora_rank > 0:

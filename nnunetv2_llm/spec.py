@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 PLANS_KEY = "nnunetv2_llm"
 MIXERS = ("pretrained", "random", "identity")
+LAYER_DTYPES = ("float32", "bfloat16")  # what a trainer may ask the frozen layer to be stored and run in
 FROZEN_PREFIX = "bottleneck.mixer.layer."  # where the frozen layer's tensors sit in the network's state dict
 # Config entries that say where or with which version a config was read, not what the layer is.
 VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "_commit_hash", "auto_map", "trust_remote_code")
@@ -104,34 +105,41 @@ class BottleneckSpec:
 
 def make_spec(mixer: str, source: str | None = None, layer: int | str | None = None, rank: int = 64,
               lora_rank: int = 0, lora_alpha: int = 16, seed: int = 0, source_setting: str = "--llm-source",
-              layer_setting: str = "--llm-layer") -> BottleneckSpec:
+              layer_setting: str = "--llm-layer", dtype: str | None = None) -> BottleneckSpec:
     """Resolve and validate an LLM choice (reads the config and, for 'pretrained', the layer's checksum).
+
+    ``dtype`` ('float32' or 'bfloat16') stores and runs the frozen layer in that dtype; None: the dtype its
+    source stores it in (``frozen_layer.weights_dtype``).
 
     Errors name the environment variables (``nnUNet_LLM_SOURCE``/``nnUNet_LLM_LAYER``) when the value came from
     there, and ``source_setting``/``layer_setting`` (default: the ``--llm-source``/``--llm-layer`` flags) when
     it was passed in."""
     return make_spec_and_layer(mixer, source, layer, rank, lora_rank, lora_alpha, seed, source_setting,
-                               layer_setting)[0]
+                               layer_setting, dtype)[0]
 
 
 def make_spec_and_layer(mixer: str, source: str | None = None, layer: int | str | None = None, rank: int = 64,
                         lora_rank: int = 0, lora_alpha: int = 16, seed: int = 0, source_setting: str = "--llm-source",
-                        layer_setting: str = "--llm-layer") -> tuple[BottleneckSpec, dict[str, torch.Tensor] | None]:
-    """``make_spec``, also returning the layer's tensors it read (for 'pretrained'; None otherwise), so that the
-    network can be built from them (``network.reuse_layer``) instead of reading the source a second time."""
+                        layer_setting: str = "--llm-layer",
+                        dtype: str | None = None) -> tuple[BottleneckSpec, dict[str, torch.Tensor] | None]:
+    """``make_spec``, also returning the layer's tensors it read, in the spec's dtype (for 'pretrained'; None
+    otherwise), so that the network can be built from them (``network.reuse_layer``) instead of reading the
+    source a second time."""
     if mixer not in MIXERS:
         raise ValueError(f"mixer must be one of {MIXERS}")
+    if dtype not in (None, *LAYER_DTYPES):
+        raise ValueError(f"dtype must be None or one of {LAYER_DTYPES}")
     aliases = {}
     if source not in (None, ""):
         aliases[ENV_SOURCE] = source_setting
     if layer not in (None, ""):
         aliases[ENV_LAYER] = layer_setting
     with setting_names(**aliases):
-        return _make_spec(mixer, source, layer, rank, lora_rank, lora_alpha, seed)
+        return _make_spec(mixer, source, layer, rank, lora_rank, lora_alpha, seed, dtype)
 
 
-def _make_spec(mixer: str, source, layer, rank: int, lora_rank: int, lora_alpha: int,
-               seed: int) -> tuple[BottleneckSpec, dict[str, torch.Tensor] | None]:
+def _make_spec(mixer: str, source, layer, rank: int, lora_rank: int, lora_alpha: int, seed: int,
+               dtype_name: str | None) -> tuple[BottleneckSpec, dict[str, torch.Tensor] | None]:
     path = resolve_source(source)
     with one_source_parse():
         config = load_config(path)
@@ -144,7 +152,9 @@ def _make_spec(mixer: str, source, layer, rank: int, lora_rank: int, lora_alpha:
             state, source_dtype = None, layer_storage_dtype(path, config, index, blueprint)
     from nnunetv2_llm.frozen_layer import weights_dtype
 
-    dtype = weights_dtype(source_dtype)
+    dtype = getattr(torch, dtype_name) if dtype_name else weights_dtype(source_dtype)
+    for key in state or ():  # into the network's dtype one tensor at a time: never a second copy of the layer
+        state[key] = state[key].to(dtype)
     spec = BottleneckSpec(
         mixer=mixer, source=str(path), source_format=source_format(path), layer=index,
         model_type=config.model_type, llm_config=config.to_dict(), dtype=str(dtype).removeprefix("torch."),

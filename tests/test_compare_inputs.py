@@ -225,8 +225,8 @@ def test_the_report_shows_each_trainers_llm_settings_and_epochs(full):
     (trainer_dir(full, LLM) / "fold_0" / "training_log_2025_1_1_10_00_00.txt").write_text(
         LOG.format(e=0, tr=0.4, va=0.5, d1=0.6, d2=0.8) + LOG.format(e=1, tr=0.2, va=0.3, d1=0.7, d2=0.9))
     text = run(full).read_text()
-    assert f"| {REF} | - | - | - | - | 3 |" in text
-    assert f"| {LLM} | pretrained | `/models/smollm2.gguf` | 29 | 0123456789ab | 2 |" in text
+    assert f"| {REF} | - | - | - | - | - | 3 |" in text
+    assert f"| {LLM} | pretrained | `/models/smollm2.gguf` | 29 | float32 | 0123456789ab | 2 |" in text
     warning = next(line for line in text.splitlines() if "unequal training budgets" in line)
     assert f"fold 0: {REF} 3, {LLM} 2 epochs" in warning
     assert text.index(warning) < text.index("## Cases excluded")
@@ -250,7 +250,7 @@ def test_epochs_are_listed_per_fold_when_they_differ(tmp_path):
     (root / "preprocessed" / DATASET / "splits_final.json").write_text(json.dumps(
         [{"train": [], "val": CASES}, {"train": [], "val": ["hippocampus_004"]}]))
     text = run(root, folds=[0, 1]).read_text()
-    assert f"| {REF} | no plans.json | ? | ? | ? | fold 0: 2, fold 1: 1 |" in text
+    assert f"| {REF} | no plans.json | ? | ? | ? | ? | fold 0: 2, fold 1: 1 |" in text
     assert "unequal training budgets" not in text  # within each fold the trainers agree
 
 

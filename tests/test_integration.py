@@ -73,7 +73,7 @@ def test_trainer_variants_are_found_by_nnunet_lookup(nnunet_workdir):
     names = ["nnUNetTrainerLLM", "nnUNetTrainerLLM_5epochs", "nnUNetTrainerLLMNoLLM_50epochs", "nnUNetTrainerLLMRandom",
              "nnUNetTrainerLLM_LoRA", "nnUNetTrainer_frac10", "nnUNetTrainerLLM_frac30_100epochs",
              "nnUNetTrainer_2epochs", "nnUNetTrainer_3epochs", "nnUNetTrainer_20epochs_250iters",
-             "nnUNetTrainer_5epochs"]
+             "nnUNetTrainer_5epochs", "nnUNetTrainerLLM_bf16", "nnUNetTrainerLLMRandom_bf16_5epochs_25iters"]
     code = ("from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name as f\n"
             "from nnunetv2_llm.trainers.reliability import ReliabilityMixin\n"
             f"for n in {names!r}:\n"

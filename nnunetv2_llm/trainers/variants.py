@@ -18,11 +18,13 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.training.nnUNetTrainer.variants.training_length import nnUNetTrainer_Xepochs as nnunet_epoch_variants
 
 from nnunetv2_llm.trainers.llm_trainer import (
-    nnUNetTrainerLLM, nnUNetTrainerLLM_LoRA, nnUNetTrainerLLMNoLLM, nnUNetTrainerLLMRandom,
+    nnUNetTrainerLLM, nnUNetTrainerLLM_bf16, nnUNetTrainerLLM_LoRA, nnUNetTrainerLLMNoLLM, nnUNetTrainerLLMRandom,
+    nnUNetTrainerLLMRandom_bf16,
 )
 from nnunetv2_llm.trainers.reliability import ReliabilityMixin
 
-FAMILIES = (nnUNetTrainer, nnUNetTrainerLLM, nnUNetTrainerLLMNoLLM, nnUNetTrainerLLMRandom, nnUNetTrainerLLM_LoRA)
+FAMILIES = (nnUNetTrainer, nnUNetTrainerLLM, nnUNetTrainerLLMNoLLM, nnUNetTrainerLLMRandom, nnUNetTrainerLLM_LoRA,
+            nnUNetTrainerLLM_bf16, nnUNetTrainerLLMRandom_bf16)
 FRACTIONS = (None, 10, 30)
 EPOCHS = (None, 1, 2, 3, 5, 10, 20, 50, 100)
 ITERATIONS = (None, 2, 10, 25, 50, 250)
