@@ -22,15 +22,6 @@ def tiny_bert(tmp_path_factory):
     return save_tiny_model(tmp_path_factory.mktemp("tiny_bert"), "bert")
 
 
-@pytest.fixture
-def two_threads():
-    """CPU inference switches threads inside the block (cpu_threads) only when more than one is set."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
 def _spec(request, kind: str):
     family, _, variant = kind.partition("-")
     source = str(request.getfixturevalue(f"tiny_{family}" if family != "identity" else "tiny_llama"))

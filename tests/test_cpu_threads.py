@@ -14,14 +14,6 @@ from nnunetv2_llm.spec import make_spec
 
 
 @pytest.fixture
-def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture
 def block(tiny_llama):
     torch.manual_seed(0)
     spec = make_spec("pretrained", source=str(tiny_llama), layer=1, rank=4)
