@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from nnunetv2_llm.cpu_threads import all_threads
-from nnunetv2_llm.llm_source import LayerBlueprint, instantiate_layer, storage_dtype
+from nnunetv2_llm.llm_source import LayerBlueprint, instantiate_layer
 from nnunetv2_llm.onednn_linear import use_onednn_linears
 
 if TYPE_CHECKING:
@@ -99,10 +99,9 @@ class FrozenLLMLayer(nn.Module):
 
     @classmethod
     def from_state_dict(cls, blueprint: LayerBlueprint, config: PretrainedConfig, index: int,
-                        state_dict: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> "FrozenLLMLayer":
-        """Build the layer on the meta device and assign the loaded tensors (no second copy where they already
-        are in ``dtype``), in ``dtype``; None: the ``weights_dtype`` of the layer's ``storage_dtype``."""
-        dtype = dtype or weights_dtype(storage_dtype(state_dict))
+                        state_dict: dict[str, torch.Tensor], dtype: torch.dtype) -> "FrozenLLMLayer":
+        """Build the layer on the meta device and assign the loaded tensors in ``dtype``, the spec's (no second
+        copy where they already are in it)."""
         layer = instantiate_layer(blueprint, config, index, "meta")
         layer.load_state_dict({k: v.to(dtype) for k, v in state_dict.items()}, strict=True, assign=True)
         return cls(layer, _rotary(blueprint, config))

@@ -55,7 +55,7 @@ def test_float32_norms_do_not_upcast_a_bfloat16_layer(tmp_path, sharded):
     spec, _ = make_spec_and_layer("pretrained", str(folder), 1)
     assert spec.dtype == "bfloat16"
     assert make_spec("random", str(folder), 1).dtype == make_spec("identity", str(folder), 1).dtype == "bfloat16"
-    layer = FrozenLLMLayer.from_state_dict(blueprint, config, 1, state)
+    layer = FrozenLLMLayer.from_state_dict(blueprint, config, 1, state, getattr(torch, spec.dtype))
     assert {p.dtype for p in layer.parameters()} == {torch.bfloat16}  # no float32 copy of the linears
     assert layer(torch.randn(1, 4, 64)).dtype == torch.bfloat16
 

@@ -15,7 +15,7 @@ from nnunetv2_llm.frozen_layer import FrozenLLMLayer
 from nnunetv2_llm.llm_source import (
     default_source, layer_blueprint, load_config, read_layer_state_dict, resolve_layer_index,
 )
-from nnunetv2_llm.spec import frozen_layer_sha256
+from nnunetv2_llm.spec import frozen_layer_sha256, make_spec
 from conftest import save_bfloat16_model, save_tiny_model
 
 
@@ -110,7 +110,8 @@ def test_bert_encoder_layer_runs_and_matches_the_full_encoder():
     source = bert_source()
     config = load_config(source)
     blueprint = layer_blueprint(config)
-    layer = FrozenLLMLayer.from_state_dict(blueprint, config, 3, read_layer_state_dict(source, config, 3, blueprint))
+    layer = FrozenLLMLayer.from_state_dict(blueprint, config, 3, read_layer_state_dict(source, config, 3, blueprint),
+                                           torch.float32)
     assert layer.rotary is None  # BERT takes no positions in its layers
     tokens = torch.randn(2, 35, config.hidden_size)
     out = layer(tokens)
@@ -126,7 +127,8 @@ def test_each_decoder_family_runs_bidirectionally_with_rotary_positions(tmp_path
     folder = save_tiny_model(tmp_path / model_type, model_type)
     config = load_config(folder)
     blueprint = layer_blueprint(config)
-    layer = FrozenLLMLayer.from_state_dict(blueprint, config, 2, read_layer_state_dict(folder, config, 2, blueprint))
+    layer = FrozenLLMLayer.from_state_dict(blueprint, config, 2, read_layer_state_dict(folder, config, 2, blueprint),
+                                           torch.float32)
     assert layer.rotary is not None
     assert all(not p.requires_grad for p in layer.parameters())
     tokens = torch.randn(2, 9, 64)
@@ -143,7 +145,9 @@ def test_bfloat16_source_keeps_bfloat16_weights(tmp_path):
     folder = save_bfloat16_model(tmp_path / "bf16")
     config = load_config(folder)
     blueprint = layer_blueprint(config)
-    layer = FrozenLLMLayer.from_state_dict(blueprint, config, 0, read_layer_state_dict(folder, config, 0, blueprint))
+    dtype = getattr(torch, make_spec("pretrained", str(folder), 0).dtype)  # the spec decides the layer's dtype
+    layer = FrozenLLMLayer.from_state_dict(blueprint, config, 0, read_layer_state_dict(folder, config, 0, blueprint),
+                                           dtype)
     assert {p.dtype for p in layer.parameters()} == {torch.bfloat16}  # no float32 copy
     assert layer(torch.randn(1, 4, 64)).dtype == torch.bfloat16
 
@@ -151,7 +155,6 @@ def test_bfloat16_source_keeps_bfloat16_weights(tmp_path):
 def test_lora_adapters_of_a_bfloat16_layer_train_in_float32(tmp_path):
     """peft makes adapters in the layer's dtype; in bfloat16 most SGD updates of lr 1e-2 would round away."""
     from nnunetv2_llm.network import build_mixer
-    from nnunetv2_llm.spec import make_spec
 
     mixer = build_mixer(make_spec("pretrained", source=str(save_bfloat16_model(tmp_path / "bf16")), layer=0, rank=4,
                                   lora_rank=2))
@@ -168,7 +171,6 @@ def test_random_control_of_a_bfloat16_source_is_built_in_bfloat16(tmp_path):
     """The random layer is created in the source's dtype, not in float32 and then converted (2x the memory)."""
     from nnunetv2_llm.llm_source import instantiate_layer
     from nnunetv2_llm.network import build_mixer
-    from nnunetv2_llm.spec import make_spec
 
     folder = save_bfloat16_model(tmp_path / "bf16")
     config = load_config(folder)
@@ -188,7 +190,6 @@ def test_controls_get_the_layers_dtype_without_reading_it(source, tiny_llama, tm
     """The no-LLM and random-layer controls store the dtype the pre-trained layer would run in, read from the
     file's metadata: no tensor of the layer is read (for an 8B source that would be 416 MiB)."""
     import nnunetv2_llm.spec as spec_module
-    from nnunetv2_llm.spec import make_spec
 
     folder = {"sharded float32": lambda: tiny_llama, "bfloat16": lambda: save_bfloat16_model(tmp_path / "bf16"),
               "gguf": lambda: default_source()}[source]()
