@@ -10,19 +10,19 @@ import argparse
 import importlib
 import sys
 
-from nnunetv2_llm.errors import LLMSettingError
-from nnunetv2_llm.nnunet_commands import NnUNetCommandError
+from nnunetv2_llm.common.errors import LLMSettingError
+from nnunetv2_llm.common.nnunet_commands import NnUNetCommandError
 
 COMMANDS = {
-    "info": ("nnunetv2_llm.info", "show the resolved LLM source and layer, and what is missing"),
-    "demo": ("nnunetv2_llm.demo", "plan, train a short budget and predict on the embedded Hippocampus subset"),
-    "compare": ("nnunetv2_llm.compare", "per-case metrics and paired statistics of trainers' validation outputs"),
-    "head-to-head": ("nnunetv2_llm.head_to_head", "train what is missing for each trainer and fold, then compare"),
-    "benchmark": ("nnunetv2_llm.benchmark", "measured cost of the LLM block: step time, inference, memory"),
-    "sweep-layers": ("nnunetv2_llm.sweep_layers", "train the LLM trainer for several layer indices and compare"),
-    "activation-maps": ("nnunetv2_llm.activation_maps", "bottleneck activations before/after the LLM block"),
-    "predict": ("nnunetv2_llm.predict_guard", "nnUNetv2_predict with input checks and no silent overwrite"),
-    "convert-datafile": ("nnunetv2_llm.convert_datafile", "MedVisionLlama data_file.txt -> nnU-Net raw dataset"),
+    "info": ("nnunetv2_llm.tools.info", "show the resolved LLM source and layer, and what is missing"),
+    "demo": ("nnunetv2_llm.tools.demo", "plan, train a short budget and predict on the embedded Hippocampus subset"),
+    "compare": ("nnunetv2_llm.evaluation.compare", "per-case metrics and paired statistics of trainers' validation outputs"),
+    "head-to-head": ("nnunetv2_llm.evaluation.head_to_head", "train what is missing for each trainer and fold, then compare"),
+    "benchmark": ("nnunetv2_llm.tools.benchmark", "measured cost of the LLM block: step time, inference, memory"),
+    "sweep-layers": ("nnunetv2_llm.evaluation.sweep_layers", "train the LLM trainer for several layer indices and compare"),
+    "activation-maps": ("nnunetv2_llm.tools.activation_maps", "bottleneck activations before/after the LLM block"),
+    "predict": ("nnunetv2_llm.tools.predict_guard", "nnUNetv2_predict with input checks and no silent overwrite"),
+    "convert-datafile": ("nnunetv2_llm.tools.convert_datafile", "MedVisionLlama data_file.txt -> nnU-Net raw dataset"),
 }
 
 

@@ -3,7 +3,7 @@
 Llama-3.1-8B-shaped safetensors checkpoint, against loading the whole model with transformers (what
 MedVisionLlama does to keep one layer).
 
-The checkpoint is synthetic (``nnunetv2_llm.synthetic_llm``): Llama-3.1-8B's shapes (hidden 4096, intermediate
+The checkpoint is synthetic (``nnunetv2_llm.llm.synthetic``): Llama-3.1-8B's shapes (hidden 4096, intermediate
 14336, 32 heads, 8 KV heads, vocab 128256, bfloat16), ``--layers`` decoder layers plus embeddings and head, cut
 into ``--shard-mib`` shards the way ``save_pretrained`` cuts them, random weights. It is written once to
 ``--folder`` (default: the synthetic cache in the temp dir) and reused.
@@ -27,10 +27,10 @@ import sys
 import time
 from pathlib import Path
 
-from nnunetv2_llm.errors import LLMSettingError, exit_on_setting_error
-from nnunetv2_llm.process_memory import current_rss, peak_rss, reset_peak_rss
-from nnunetv2_llm.report_files import check_report_free, write_json_and_markdown
-from nnunetv2_llm.synthetic_llm import PRESETS, ensure_synthetic_checkpoint, layer_nbytes, write_synthetic_checkpoint
+from nnunetv2_llm.common.errors import LLMSettingError, exit_on_setting_error
+from nnunetv2_llm.common.process_memory import current_rss, peak_rss, reset_peak_rss
+from nnunetv2_llm.common.report_files import check_report_free, write_json_and_markdown
+from nnunetv2_llm.llm.synthetic import PRESETS, ensure_synthetic_checkpoint, layer_nbytes, write_synthetic_checkpoint
 
 RSS_TARGET = 1.5
 TIME_TARGET_S = 5.0
@@ -48,9 +48,9 @@ def child_single(folder: str, index: int, channels: int, rank: int) -> dict:
     import transformers  # noqa: F401
     import transformers.models.llama.modeling_llama  # noqa: F401
 
-    from nnunetv2_llm.bottleneck import LLMBottleneckBlock
-    from nnunetv2_llm.network import build_mixer, reuse_layer
-    from nnunetv2_llm.spec import make_spec_and_layer
+    from nnunetv2_llm.model.block import LLMBottleneckBlock
+    from nnunetv2_llm.model.network import build_mixer, reuse_layer
+    from nnunetv2_llm.model.spec import make_spec_and_layer
 
     gc.collect()
     peak_imports = peak_rss()
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
 def prepare_checkpoint(args: argparse.Namespace) -> Path:
     """The checkpoint folder (written unless ``--folder`` holds one), with ``args.layer_index`` checked against it and
     resolved (negative counts from the end) before any measurement."""
-    from nnunetv2_llm.spec import make_spec
+    from nnunetv2_llm.model.spec import make_spec
 
     if args.repeats < 1:
         raise LLMSettingError(f"--repeats must be at least 1, got {args.repeats}", "--repeats")

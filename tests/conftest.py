@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from nnunetv2_llm.nnunet_commands import FIXTURE, demo_env, ensure_preprocessed, ensure_raw_from_msd
+from nnunetv2_llm.common.nnunet_commands import FIXTURE, demo_env, ensure_preprocessed, ensure_raw_from_msd
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 

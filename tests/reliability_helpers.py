@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from nnunetv2_llm.nnunet_commands import nnunet_command
+from nnunetv2_llm.common.nnunet_commands import nnunet_command
 
 DATASET = "4"
 CONFIGURATION = "3d_fullres"
@@ -122,7 +122,7 @@ def workdir(request) -> dict[str, str]:
     ``NNUNETV2_LLM_TEST_WORKDIR=/path`` points to one already converted and preprocessed (3d_fullres)."""
     prebuilt = os.environ.get("NNUNETV2_LLM_TEST_WORKDIR")
     if prebuilt:
-        from nnunetv2_llm.nnunet_commands import demo_env
+        from nnunetv2_llm.common.nnunet_commands import demo_env
 
         return demo_env(Path(prebuilt))
     return request.getfixturevalue("nnunet_workdir")

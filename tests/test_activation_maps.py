@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from nnunetv2_llm.activation_maps import (
+from nnunetv2_llm.tools.activation_maps import (
     bottleneck_of, choose_window, compute_activation_maps, load_predictor, pad_to, plot_activation_maps,
     to_preprocessed_index,
 )
 from nnunetv2_llm.cli import main as cli_main
-from nnunetv2_llm.errors import LLMSettingError
-from nnunetv2_llm.nnunet_commands import FIXTURE
+from nnunetv2_llm.common.errors import LLMSettingError
+from nnunetv2_llm.common.nnunet_commands import FIXTURE
 
 IMAGE = FIXTURE / "imagesTr" / "hippocampus_001.nii.gz"  # array (35, 51, 35), 1 mm voxels
 FEATURES = [4, 8, 16]
@@ -71,7 +71,7 @@ def make_model_folder(root: Path, llm: Path, configuration_name: str = "3d_fullr
     fold_0/checkpoint_final.pth holding the weights nnU-Net's predictor reads."""
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from nnunetv2_llm.spec import make_spec
+    from nnunetv2_llm.model.spec import make_spec
     from nnunetv2_llm.trainers.llm_trainer import nnUNetTrainerLLM
 
     folder = root / "Dataset004_Hippocampus" / f"nnUNetTrainerLLM__nnUNetPlans__{configuration_name}"

@@ -22,8 +22,8 @@ from reliability_helpers import (  # noqa: F401 (workdir is a fixture)
 )
 
 from nnunetv2_llm import cli
-from nnunetv2_llm.nnunet_commands import FIXTURE
-from nnunetv2_llm.spec import PLANS_KEY, make_spec
+from nnunetv2_llm.common.nnunet_commands import FIXTURE
+from nnunetv2_llm.model.spec import PLANS_KEY, make_spec
 
 LLM_ENV = ("nnUNet_LLM_SOURCE", "nnUNet_LLM_LAYER", "nnUNet_LLM_ALLOW_PICKLE")
 
@@ -391,7 +391,7 @@ def test_plans_block_written_by_to_plans_reads_back(tiny_llama):
     spec = make_spec("pretrained", source=str(tiny_llama), layer=1)
     spec.to_plans(plans)
     again = json.loads(json.dumps(plans, default=str))[PLANS_KEY]
-    from nnunetv2_llm.spec import BottleneckSpec
+    from nnunetv2_llm.model.spec import BottleneckSpec
 
     assert BottleneckSpec(**again).differences(spec) == []  # JSON round trip (int dict keys) is not a change
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nnunetv2_llm import synthetic_llm
+from nnunetv2_llm.llm import synthetic as synthetic_llm
 
 DATASET = "Dataset990_BenchTiny"
 PATCH = [16, 16, 16]
@@ -162,7 +162,7 @@ def test_parameter_counts_match_the_networks(benchmark_run):
     import torch
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
-    from nnunetv2_llm.spec import make_spec
+    from nnunetv2_llm.model.spec import make_spec
 
     rows = benchmark_run[0]["results"]
     torch.manual_seed(0)
@@ -218,7 +218,7 @@ def test_flops_and_memory_are_consistent(benchmark_run):
 
 
 def test_verdicts_follow_the_confidence_interval():
-    from nnunetv2_llm.benchmark import _verdict
+    from nnunetv2_llm.tools.benchmark import _verdict
 
     def paired(low, high):
         return {"median": (low + high) / 2, "ci95": [low, high]}
@@ -230,7 +230,7 @@ def test_verdicts_follow_the_confidence_interval():
 
 
 def test_synthetic_checkpoint_is_sharded_and_readable(tmp_path):
-    from nnunetv2_llm.llm_source import layer_blueprint, load_config, read_layer_state_dict
+    from nnunetv2_llm.llm.source import layer_blueprint, load_config, read_layer_state_dict
 
     folder = synthetic_llm.write_synthetic_checkpoint(tmp_path / "m", "tiny-llama", shard_bytes=30_000)
     index = json.loads((folder / "model.safetensors.index.json").read_text())

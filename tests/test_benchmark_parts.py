@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from conftest import save_tiny_model
-from nnunetv2_llm.benchmark import attention_training_flops, synthetic_batch
-from nnunetv2_llm.errors import LLMSettingError
-from nnunetv2_llm.network import build_mixer
-from nnunetv2_llm.report_files import check_report_free, write_json_and_markdown
-from nnunetv2_llm.spec import make_spec
+from nnunetv2_llm.tools.benchmark import attention_training_flops, synthetic_batch
+from nnunetv2_llm.common.errors import LLMSettingError
+from nnunetv2_llm.model.network import build_mixer
+from nnunetv2_llm.common.report_files import check_report_free, write_json_and_markdown
+from nnunetv2_llm.model.spec import make_spec
 
 
 @pytest.mark.parametrize("model_type", ["llama", "bert"])

@@ -8,9 +8,9 @@ import torch
 
 from reliability_helpers import make_trainer, random_batch, workdir  # noqa: F401 (workdir is a fixture)
 
-from nnunetv2_llm.llm_source import layer_blueprint, read_layer_state_dict
-from nnunetv2_llm.network import build_llm_unet
-from nnunetv2_llm.spec import FROZEN_PREFIX, BottleneckSpec, frozen_layer_sha256, make_spec
+from nnunetv2_llm.llm.source import layer_blueprint, read_layer_state_dict
+from nnunetv2_llm.model.network import build_llm_unet
+from nnunetv2_llm.model.spec import FROZEN_PREFIX, BottleneckSpec, frozen_layer_sha256, make_spec
 from test_network import tiny_unet
 
 

@@ -19,8 +19,8 @@ from scipy.ndimage import zoom
 
 from reliability_helpers import no_traceback, run_command, train_env
 
-from nnunetv2_llm.nnunet_commands import FIXTURE, demo_env
-from nnunetv2_llm.spec import PLANS_KEY
+from nnunetv2_llm.common.nnunet_commands import FIXTURE, demo_env
+from nnunetv2_llm.model.spec import PLANS_KEY
 from nnunetv2_llm.trainers.reliability import load_checkpoint_file
 
 DATASET = "7"

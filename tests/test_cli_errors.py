@@ -12,7 +12,11 @@ from conftest import save_tiny_model
 from test_bad_inputs import cli_error
 from test_benchmark import DATASET, make_tiny_preprocessed
 
-from nnunetv2_llm import activation_maps, benchmark, cli, head_to_head, sweep_layers
+from nnunetv2_llm.tools import activation_maps
+from nnunetv2_llm.tools import benchmark
+from nnunetv2_llm import cli
+from nnunetv2_llm.evaluation import head_to_head
+from nnunetv2_llm.evaluation import sweep_layers
 
 
 class Reached(Exception):
@@ -54,7 +58,7 @@ def test_head_to_head_checks_every_trainer_before_preparing_or_training(capsys, 
 
 
 def test_prepare_dataset_checks_the_paths_of_dataset_json_once(nnunet_folders, monkeypatch):
-    from nnunetv2_llm import dataset_checks
+    from nnunetv2_llm.common import dataset_checks
 
     raw = nnunet_folders / "nnUNet_raw" / "Dataset004_Tiny"
     for name in ("imagesTr/case_0000.nii.gz", "labelsTr/case.nii.gz"):

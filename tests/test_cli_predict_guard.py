@@ -13,7 +13,8 @@ import torch
 from test_bad_inputs import cli_error, image_folder, predict_args  # noqa: F401 (image_folder is a fixture)
 from test_cli_errors import Reached, reached
 
-from nnunetv2_llm import cli, nnunet_commands
+from nnunetv2_llm import cli
+from nnunetv2_llm.common import nnunet_commands
 
 TRAINER = "nnUNetTrainerLLM_1epoch_2iters"
 

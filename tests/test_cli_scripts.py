@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from nnunetv2_llm import synthetic_llm
+from nnunetv2_llm.llm import synthetic as synthetic_llm
 
 REPO = Path(__file__).resolve().parents[1]
 LAYER_LOADING = REPO / "scripts" / "benchmark_layer_loading.py"

@@ -13,7 +13,7 @@ import SimpleITK as sitk
 import torch
 from scipy import stats
 
-from nnunetv2_llm.compare import (
+from nnunetv2_llm.evaluation.compare import (
     CSV_COLUMNS,
     CompareError,
     _Case,
@@ -277,7 +277,7 @@ def test_unwritable_output_folder_is_one_line_exit_2(layout, tmp_path, monkeypat
 
 
 def test_dataset_json_without_labels_is_one_clear_error():
-    from nnunetv2_llm.compare import CompareError, _labels
+    from nnunetv2_llm.evaluation.compare import CompareError, _labels
 
     with pytest.raises(CompareError, match="no 'labels' mapping"):
         _labels({"channel_names": {"0": "MRI"}})

@@ -14,7 +14,7 @@ import torch
 from test_compare import DATASET, DATASET_JSON, LLM, LOG, REF, ground_truth, llm_prediction, write
 
 from nnunetv2_llm import compare as compare_module
-from nnunetv2_llm.compare import CompareError, _parse_tolerance, check_comparable, compare, training_curves
+from nnunetv2_llm.evaluation.compare import CompareError, _parse_tolerance, check_comparable, compare, training_curves
 
 CASES = ["hippocampus_001", "hippocampus_002", "hippocampus_003"]
 PLANS_BLOCK = {"mixer": "pretrained", "source": "/models/smollm2.gguf", "source_format": "gguf", "layer": 29,
@@ -256,7 +256,7 @@ def test_epochs_are_listed_per_fold_when_they_differ(tmp_path):
 
 def test_single_slice_cases_are_measured_in_2d(tmp_path):
     """2D data (1xHxW volumes): surface distances in the image plane, not over a fake third axis."""
-    from nnunetv2_llm.metrics import binary_metrics
+    from nnunetv2_llm.evaluation.metrics import binary_metrics
 
     root = make_layout(tmp_path, {REF: [], LLM: []})
     ref2d, pred2d = np.zeros((1, 12, 12), np.uint8), np.zeros((1, 12, 12), np.uint8)  # spacing 2 mm on the z axis

@@ -11,8 +11,9 @@ import pytest
 from test_bad_inputs import cli_error
 from test_cli_errors import Reached, must_not_run, nnunet_folders, reached, three_layer_llama  # noqa: F401 (fixtures)
 
-from nnunetv2_llm import head_to_head, sweep_layers
-from nnunetv2_llm.compare import CSV_COLUMNS
+from nnunetv2_llm.evaluation import head_to_head
+from nnunetv2_llm.evaluation import sweep_layers
+from nnunetv2_llm.evaluation.compare import CSV_COLUMNS
 
 TRAINERS = ["nnUNetTrainer", "nnUNetTrainerLLM"]
 SWEEP_TRAINER = "nnUNetTrainerLLM_50epochs"
@@ -96,7 +97,7 @@ def test_sweep_refuses_a_layer_folder_trained_with_another_llm(capsys, nnunet_fo
 
 
 def test_sweep_accepts_a_layer_folder_trained_with_the_requested_llm(nnunet_folders, monkeypatch, three_layer_llama):
-    from nnunetv2_llm.spec import make_spec
+    from nnunetv2_llm.model.spec import make_spec
 
     spec = make_spec("random", source=str(three_layer_llama), layer=1)
     model = nnunet_folders / "out" / "layer_1" / "Dataset004_Hippocampus" / f"{SWEEP_TRAINER}__nnUNetPlans__3d_fullres"

@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nnunetv2_llm.bottleneck import LLMBottleneckBlock
-from nnunetv2_llm.network import build_llm_unet, build_mixer
-from nnunetv2_llm.spec import make_spec
+from nnunetv2_llm.model.block import LLMBottleneckBlock
+from nnunetv2_llm.model.network import build_llm_unet, build_mixer
+from nnunetv2_llm.model.spec import make_spec
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ import pytest
 from test_convert_datafile import CASES, make_task, write_image
 
 from nnunetv2_llm.cli import main as cli_main
-from nnunetv2_llm.convert_datafile import convert_datafile
-from nnunetv2_llm.errors import LLMSettingError
+from nnunetv2_llm.tools.convert_datafile import convert_datafile
+from nnunetv2_llm.common.errors import LLMSettingError
 
 
 def truncate(path: Path) -> None:

@@ -7,10 +7,10 @@ import contextlib
 import pytest
 import torch
 
-import nnunetv2_llm.bottleneck as bottleneck
-from nnunetv2_llm.bottleneck import LLMBottleneckBlock
-from nnunetv2_llm.network import build_mixer
-from nnunetv2_llm.spec import make_spec
+import nnunetv2_llm.model.block as bottleneck
+from nnunetv2_llm.model.block import LLMBottleneckBlock
+from nnunetv2_llm.model.network import build_mixer
+from nnunetv2_llm.model.spec import make_spec
 
 
 @pytest.fixture

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from nnunetv2_llm.dataset_checks import check_dataset_json_paths, check_raw_dataset
-from nnunetv2_llm.errors import LLMSettingError
-from nnunetv2_llm.nnunet_commands import FIXTURE
+from nnunetv2_llm.common.dataset_checks import check_dataset_json_paths, check_raw_dataset
+from nnunetv2_llm.common.errors import LLMSettingError
+from nnunetv2_llm.common.nnunet_commands import FIXTURE
 
 DATASET_JSON = {"channel_names": {"0": "MRI"}, "labels": {"background": 0, "Anterior": 1, "Posterior": 2},
                 "numTraining": 2, "file_ending": ".nii.gz"}

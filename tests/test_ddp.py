@@ -59,8 +59,8 @@ def _worker(rank: int, world: int, port: int, spec_json: str, out_dir: str) -> N
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from nnunetv2_llm.network import build_llm_unet
-    from nnunetv2_llm.spec import BottleneckSpec, frozen_layer_sha256
+    from nnunetv2_llm.model.network import build_llm_unet
+    from nnunetv2_llm.model.spec import BottleneckSpec, frozen_layer_sha256
     from nnunetv2_llm.trainers.reliability import tree_sha256
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -116,7 +116,7 @@ def free_port() -> int:
 def test_frozen_layer_under_ddp_gloo(tiny_llama, tmp_path):
     import torch.multiprocessing as mp
 
-    from nnunetv2_llm.spec import make_spec
+    from nnunetv2_llm.model.spec import make_spec
 
     spec = make_spec("pretrained", source=str(tiny_llama), layer=1, rank=4, lora_rank=2)
     context = mp.start_processes(_worker, args=(2, free_port(), json.dumps(asdict(spec)), str(tmp_path)),

@@ -9,8 +9,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from nnunetv2_llm import nnunet_commands
-from nnunetv2_llm.nnunet_commands import nnunet_command, nnunet_dataset_id, trainer_fold_dir
+from nnunetv2_llm.common import nnunet_commands
+from nnunetv2_llm.common.nnunet_commands import nnunet_command, nnunet_dataset_id, trainer_fold_dir
 
 BASELINE, LLM = "nnUNetTrainer_1epoch_2iters", "nnUNetTrainerLLM_1epoch_2iters"
 

@@ -14,8 +14,8 @@ import SimpleITK as sitk
 import torch
 
 from conftest import save_tiny_model
-from nnunetv2_llm.nnunet_commands import dataset_folder, nnunet_command, run, trainer_fold_dir
-from nnunetv2_llm.spec import FROZEN_PREFIX, PLANS_KEY, BottleneckSpec, frozen_layer_sha256
+from nnunetv2_llm.common.nnunet_commands import dataset_folder, nnunet_command, run, trainer_fold_dir
+from nnunetv2_llm.model.spec import FROZEN_PREFIX, PLANS_KEY, BottleneckSpec, frozen_layer_sha256
 
 TRAINER = "nnUNetTrainerLLM_1epoch_2iters"
 
@@ -94,7 +94,7 @@ def test_block_wraps_nnunets_planned_networks(nnunet_workdir, plans_name, config
     """The real plans nnU-Net made for the Hippocampus subset (default and ResEnc M preset), any configuration."""
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from nnunetv2_llm.spec import make_spec
+    from nnunetv2_llm.model.spec import make_spec
     from nnunetv2_llm.trainers import nnUNetTrainerLLM
 
     preprocessed = dataset_folder(nnunet_workdir["nnUNet_preprocessed"], 4)

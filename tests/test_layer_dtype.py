@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from nnunetv2_llm.frozen_layer import FrozenLLMLayer
-from nnunetv2_llm.llm_source import (
+from nnunetv2_llm.model.frozen_layer import FrozenLLMLayer
+from nnunetv2_llm.llm.source import (
     layer_blueprint, layer_storage_dtype, load_config, read_layer_state_dict, storage_dtype,
 )
-from nnunetv2_llm.spec import make_spec, make_spec_and_layer
+from nnunetv2_llm.model.spec import make_spec, make_spec_and_layer
 from conftest import save_tiny_model
 
 

@@ -11,11 +11,11 @@ import torch
 
 from reliability_helpers import make_trainer, workdir  # noqa: F401 (workdir is a fixture)
 
-from nnunetv2_llm.frozen_layer import FrozenLLMLayer
-from nnunetv2_llm.llm_source import (
+from nnunetv2_llm.model.frozen_layer import FrozenLLMLayer
+from nnunetv2_llm.llm.source import (
     default_source, layer_blueprint, load_config, read_layer_state_dict, resolve_layer_index,
 )
-from nnunetv2_llm.spec import frozen_layer_sha256, make_spec
+from nnunetv2_llm.model.spec import frozen_layer_sha256, make_spec
 from conftest import save_bfloat16_model, save_tiny_model
 
 
@@ -67,7 +67,7 @@ def test_hugging_face_cache_snapshot_with_symlinked_shards(tiny_llama, tmp_path)
 
 
 def test_index_naming_a_file_outside_the_model_folder_is_refused(tiny_llama, tmp_path):
-    from nnunetv2_llm.errors import LLMSettingError
+    from nnunetv2_llm.common.errors import LLMSettingError
 
     folder = tmp_path / "model"
     shutil.copytree(tiny_llama, folder)
@@ -154,7 +154,7 @@ def test_bfloat16_source_keeps_bfloat16_weights(tmp_path):
 
 def test_lora_adapters_of_a_bfloat16_layer_train_in_float32(tmp_path):
     """peft makes adapters in the layer's dtype; in bfloat16 most SGD updates of lr 1e-2 would round away."""
-    from nnunetv2_llm.network import build_mixer
+    from nnunetv2_llm.model.network import build_mixer
 
     mixer = build_mixer(make_spec("pretrained", source=str(save_bfloat16_model(tmp_path / "bf16")), layer=0, rank=4,
                                   lora_rank=2))
@@ -169,8 +169,8 @@ def test_lora_adapters_of_a_bfloat16_layer_train_in_float32(tmp_path):
 
 def test_random_control_of_a_bfloat16_source_is_built_in_bfloat16(tmp_path):
     """The random layer is created in the source's dtype, not in float32 and then converted (2x the memory)."""
-    from nnunetv2_llm.llm_source import instantiate_layer
-    from nnunetv2_llm.network import build_mixer
+    from nnunetv2_llm.llm.source import instantiate_layer
+    from nnunetv2_llm.model.network import build_mixer
 
     folder = save_bfloat16_model(tmp_path / "bf16")
     config = load_config(folder)
@@ -189,7 +189,7 @@ def test_random_control_of_a_bfloat16_source_is_built_in_bfloat16(tmp_path):
 def test_controls_get_the_layers_dtype_without_reading_it(source, tiny_llama, tmp_path, monkeypatch):
     """The no-LLM and random-layer controls store the dtype the pre-trained layer would run in, read from the
     file's metadata: no tensor of the layer is read (for an 8B source that would be 416 MiB)."""
-    import nnunetv2_llm.spec as spec_module
+    import nnunetv2_llm.model.spec as spec_module
 
     folder = {"sharded float32": lambda: tiny_llama, "bfloat16": lambda: save_bfloat16_model(tmp_path / "bf16"),
               "gguf": lambda: default_source()}[source]()
@@ -200,12 +200,12 @@ def test_controls_get_the_layers_dtype_without_reading_it(source, tiny_llama, tm
         raise AssertionError("a control read the layer's tensors")
 
     monkeypatch.setattr(spec_module, "read_layer_state_dict", refuse)
-    monkeypatch.setattr("nnunetv2_llm.llm_source._read_gguf_layer", refuse)
+    monkeypatch.setattr("nnunetv2_llm.llm.source._read_gguf_layer", refuse)
     monkeypatch.setattr("safetensors.safe_open", _without_get_tensor())
     for mixer in ("identity", "random"):
         spec, state = spec_module.make_spec_and_layer(mixer, str(folder), 1)
         assert (spec.dtype, spec.layer_sha256, state) == (expected, "", None)
-    from nnunetv2_llm.llm_source import _gguf_reader
+    from nnunetv2_llm.llm.source import _gguf_reader
 
     assert _gguf_reader.cache_info().currsize == 0  # a GGUF parse (~160 MiB) is not kept when no layer was read
 
@@ -239,8 +239,8 @@ def _without_get_tensor():
 def test_trainer_reads_the_frozen_layer_once(workdir, tmp_path, monkeypatch, tiny_llama):
     """``__init__`` reads the layer for its checksum; the network built in ``initialize`` takes those tensors
     instead of reading the source again, and holds nothing else afterwards."""
-    import nnunetv2_llm.network as network
-    import nnunetv2_llm.spec as spec_module
+    import nnunetv2_llm.model.network as network
+    import nnunetv2_llm.model.spec as spec_module
 
     reads = []
     original = spec_module.read_layer_state_dict

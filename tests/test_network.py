@@ -9,9 +9,9 @@ import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
 from torch import nn
 
-from nnunetv2_llm.bottleneck import LLMBottleneckBlock
-from nnunetv2_llm.network import build_llm_unet
-from nnunetv2_llm.spec import make_spec
+from nnunetv2_llm.model.block import LLMBottleneckBlock
+from nnunetv2_llm.model.network import build_llm_unet
+from nnunetv2_llm.model.spec import make_spec
 
 
 def tiny_unet(dim: int, residual: bool = False, in_channels: int = 1) -> nn.Module:
@@ -114,7 +114,7 @@ def test_random_control_differs_from_pretrained_but_is_reproducible(tiny_llama):
 
 
 def test_block_is_bidirectional(spec):
-    from nnunetv2_llm.network import build_mixer
+    from nnunetv2_llm.model.network import build_mixer
 
     mixer = build_mixer(spec)
     tokens = torch.randn(1, 12, 64)
@@ -147,7 +147,7 @@ def test_rebuild_without_source_then_checkpoint_restores_outputs(spec, tmp_path)
 def test_rebuild_for_a_checkpoint_never_reads_the_source(spec, tmp_path, monkeypatch):
     """The predictor's build: the source path may now hold another model (here a wider one); it is not read."""
     from conftest import save_tiny_model
-    from nnunetv2_llm import network
+    from nnunetv2_llm.model import network
 
     trained = build_llm_unet(spec, tiny_unet(3)).eval()
     moved = copy.deepcopy(spec)
@@ -161,7 +161,7 @@ def test_rebuild_for_a_checkpoint_never_reads_the_source(spec, tmp_path, monkeyp
 
 def test_a_build_that_leaves_the_read_layer_untaken_fails(spec):
     """Training must never run with other frozen weights than the ones read and checksummed."""
-    from nnunetv2_llm.network import reuse_layer
+    from nnunetv2_llm.model.network import reuse_layer
 
     with pytest.raises(RuntimeError, match="did not take the frozen layer"):
         with reuse_layer(spec, {"weight": torch.zeros(1)}):
@@ -170,7 +170,7 @@ def test_a_build_that_leaves_the_read_layer_untaken_fails(spec):
 
 def test_block_keeps_input_dtype_and_runs_layer_outside_autocast(spec):
     """Under bf16 autocast the projections and the layer still compute in float32 (the layer's dtype)."""
-    from nnunetv2_llm.network import build_mixer
+    from nnunetv2_llm.model.network import build_mixer
 
     block = LLMBottleneckBlock(32, 64, 4, build_mixer(spec))
     seen = []

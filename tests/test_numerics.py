@@ -18,10 +18,10 @@ from reliability_helpers import (  # noqa: F401 (workdir is a fixture)
     fold_dir, make_trainer, no_traceback, random_batch, train, train_env, workdir,
 )
 
-from nnunetv2_llm.bottleneck import LLMBottleneckBlock
-from nnunetv2_llm.llm_source import default_source
-from nnunetv2_llm.network import build_mixer
-from nnunetv2_llm.spec import make_spec
+from nnunetv2_llm.model.block import LLMBottleneckBlock
+from nnunetv2_llm.llm.source import default_source
+from nnunetv2_llm.model.network import build_mixer
+from nnunetv2_llm.model.spec import make_spec
 from nnunetv2_llm.trainers.reliability import load_checkpoint_file, tree_sha256
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from nnunetv2_llm.llm_source import instantiate_layer, layer_blueprint
-from nnunetv2_llm.network import build_mixer
-from nnunetv2_llm.onednn_linear import OneDNNLinear, use_onednn_linears
-from nnunetv2_llm.spec import make_spec
+from nnunetv2_llm.llm.source import instantiate_layer, layer_blueprint
+from nnunetv2_llm.model.network import build_mixer
+from nnunetv2_llm.model.onednn_linear import OneDNNLinear, use_onednn_linears
+from nnunetv2_llm.model.spec import make_spec
 
 needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
 

@@ -27,7 +27,7 @@ from reliability_helpers import (  # noqa: F401 (workdir is a fixture)
     fold_dir, loaded_fingerprints, no_traceback, run_command, train, train_env, workdir,
 )
 
-from nnunetv2_llm.spec import FROZEN_PREFIX, BottleneckSpec, frozen_layer_sha256, make_spec
+from nnunetv2_llm.model.spec import FROZEN_PREFIX, BottleneckSpec, frozen_layer_sha256, make_spec
 from nnunetv2_llm.trainers.reliability import load_checkpoint_file, state_fingerprints
 
 TRAINER = "nnUNetTrainerLLM_LoRA_3epochs_2iters"
@@ -197,7 +197,7 @@ def test_a_temporary_being_written_by_a_running_process_is_kept(tmp_path):
     import subprocess
     import sys
 
-    from nnunetv2_llm.atomic_files import TMP_MARKER, remove_stale_temporaries
+    from nnunetv2_llm.common.atomic_files import TMP_MARKER, remove_stale_temporaries
 
     writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
@@ -218,7 +218,7 @@ def test_kill_during_checkpoint_write(tmp_path, mode):
     import subprocess
     import sys
 
-    from nnunetv2_llm.atomic_files import remove_stale_temporaries
+    from nnunetv2_llm.common.atomic_files import remove_stale_temporaries
     from nnunetv2_llm.trainers.reliability import atomic_torch_save
 
     target = tmp_path / "checkpoint_latest.pth"

@@ -15,8 +15,8 @@ from conftest import save_tiny_model
 from reliability_helpers import make_trainer, workdir  # noqa: F401 (workdir is a fixture)
 
 from nnunetv2_llm import cli
-from nnunetv2_llm.errors import LLMSettingError
-from nnunetv2_llm.spec import make_spec
+from nnunetv2_llm.common.errors import LLMSettingError
+from nnunetv2_llm.model.spec import make_spec
 from nnunetv2_llm.trainers.reliability import CheckpointUnreadable, load_checkpoint_file
 
 PACKAGE = Path(__file__).resolve().parents[1] / "nnunetv2_llm"
@@ -72,7 +72,7 @@ def test_model_folder_with_custom_code_loads_without_running_it(llama, tmp_path,
 
     assert cli.main(["info", "--llm-source", str(folder), "--llm-layer", "1"]) == 0
     spec = make_spec("pretrained", source=str(folder), layer=1)
-    from nnunetv2_llm.network import build_mixer
+    from nnunetv2_llm.model.network import build_mixer
 
     build_mixer(spec)
     assert "auto_map" not in spec.llm_config
@@ -154,7 +154,7 @@ def test_tampered_checkpoint_is_refused(workdir, tmp_path, monkeypatch, capsys, 
 
     images = tmp_path / "images"
     images.mkdir()
-    from nnunetv2_llm.nnunet_commands import FIXTURE
+    from nnunetv2_llm.common.nnunet_commands import FIXTURE
 
     shutil.copy(next((FIXTURE / "imagesTr").glob("*.nii.gz")), images / "case_0000.nii.gz")
     shutil.copy(folder / "checkpoint_latest.pth", folder / "checkpoint_final.pth")

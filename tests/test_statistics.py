@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from nnunetv2_llm.statistics import (
+from nnunetv2_llm.evaluation.statistics import (
     METRICS,
     bootstrap_ci,
     count_outcomes,

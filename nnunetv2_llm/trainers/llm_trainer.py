@@ -10,10 +10,11 @@ from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
 
-from nnunetv2_llm.errors import LLMSettingError, exit_on_setting_error
-from nnunetv2_llm.network import build_llm_unet, reuse_layer
-from nnunetv2_llm.spec import FROZEN_PREFIX, PLANS_KEY, BottleneckSpec, frozen_layer_sha256, make_spec_and_layer
-from nnunetv2_llm.trainers.reliability import ReliabilityMixin, raise_setting_error, unwrap_network
+from nnunetv2_llm.common.errors import LLMSettingError, exit_on_setting_error
+from nnunetv2_llm.model.network import build_llm_unet, reuse_layer
+from nnunetv2_llm.model.spec import FROZEN_PREFIX, PLANS_KEY, BottleneckSpec, frozen_layer_sha256, make_spec_and_layer
+from nnunetv2_llm.model.network import unwrap_network
+from nnunetv2_llm.trainers.reliability import ReliabilityMixin, raise_setting_error
 
 
 class nnUNetTrainerLLM(ReliabilityMixin, nnUNetTrainer):

@@ -52,9 +52,10 @@ import torch
 from torch import autocast
 from torch import distributed as dist
 
-from nnunetv2_llm.atomic_files import atomic_file, remove_stale_temporaries
-from nnunetv2_llm.errors import LLMSettingError
-from nnunetv2_llm.llm_source import ENV_ALLOW_PICKLE, pickle_allowed
+from nnunetv2_llm.common.atomic_files import atomic_file, remove_stale_temporaries
+from nnunetv2_llm.common.errors import LLMSettingError
+from nnunetv2_llm.llm.source import ENV_ALLOW_PICKLE, pickle_allowed
+from nnunetv2_llm.model.network import unwrap_network
 
 ENV_SEED = "nnUNet_LLM_SEED"
 ENV_SAVE_EVERY = "nnUNet_LLM_SAVE_EVERY"
@@ -161,7 +162,7 @@ def state_fingerprints(network_weights: dict, optimizer_state: dict | None, grad
     """Checksums of what a resume must restore exactly: the frozen LLM layer (comparable with the spec's
     ``layer_sha256``), every other network tensor (U-Net, projections, LoRA adapters), the optimizer state
     (momentum buffers and hyper-parameters) and the GradScaler state."""
-    from nnunetv2_llm.spec import frozen_layer_sha256
+    from nnunetv2_llm.model.spec import frozen_layer_sha256
 
     weights = {(k[7:] if k.startswith("module.") else k): v for k, v in network_weights.items()}
     is_frozen = (lambda k: frozen_prefix is not None and k.startswith(frozen_prefix) and "lora_" not in k)
@@ -210,18 +211,6 @@ def env_int(name: str, default: int | None, minimum: int = 0) -> int | None:
     if number < minimum:
         raise LLMSettingError(f"{name}={number} must be at least {minimum}", name)
     return number
-
-
-def unwrap_network(network: torch.nn.Module) -> torch.nn.Module:
-    """The plain module behind DDP and torch.compile wrappers."""
-    from torch._dynamo import OptimizedModule
-    from torch.nn.parallel import DistributedDataParallel
-
-    if isinstance(network, DistributedDataParallel):
-        network = network.module
-    if isinstance(network, OptimizedModule):
-        network = network._orig_mod
-    return network
 
 
 def _finite(t: torch.Tensor) -> bool:
@@ -496,7 +485,7 @@ class ReliabilityMixin:
         spec = getattr(self, "llm_spec", None)
         if spec is None or self.frozen_prefix is None or spec.mixer == "identity":
             return
-        from nnunetv2_llm.spec import frozen_layer_sha256
+        from nnunetv2_llm.model.spec import frozen_layer_sha256
 
         saved_sha = frozen_layer_sha256(saved, spec.dtype, self.frozen_prefix)
         expected = self._built_layer_sha256  # the LLM trainer's initialize, run before any load
@@ -631,7 +620,7 @@ class ReliabilityMixin:
 
 def raise_setting_error(message: str, setting: str) -> NoReturn:
     """Raise an LLMSettingError from trainer code that nnU-Net calls: printed as one line, exit code 2."""
-    from nnunetv2_llm.errors import exit_on_setting_error
+    from nnunetv2_llm.common.errors import exit_on_setting_error
 
     with exit_on_setting_error():
         raise LLMSettingError(message, setting)

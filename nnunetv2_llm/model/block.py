@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nnunetv2_llm.cpu_threads import elementwise_on_one_thread
+from nnunetv2_llm.model.cpu_threads import elementwise_on_one_thread
 
 
 class LowRankProjection(nn.Module):

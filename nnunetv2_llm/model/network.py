@@ -9,10 +9,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from nnunetv2_llm.bottleneck import LLMBottleneckBlock
-from nnunetv2_llm.frozen_layer import FrozenLLMLayer
-from nnunetv2_llm.llm_source import layer_blueprint, read_layer_state_dict
-from nnunetv2_llm.spec import BottleneckSpec
+from nnunetv2_llm.model.block import LLMBottleneckBlock
+from nnunetv2_llm.model.frozen_layer import FrozenLLMLayer
+from nnunetv2_llm.llm.source import layer_blueprint, read_layer_state_dict
+from nnunetv2_llm.model.spec import BottleneckSpec
 
 
 class LLMBottleneckUNet(nn.Module):
@@ -34,6 +34,18 @@ class LLMBottleneckUNet(nn.Module):
         full resolution first (as nnU-Net's network)."""
         skips = self.encoder(x)
         return self.decoder([*skips[:-1], self.bottleneck(skips[-1])])
+
+
+def unwrap_network(network: torch.nn.Module) -> torch.nn.Module:
+    """The plain module behind DDP and torch.compile wrappers."""
+    from torch._dynamo import OptimizedModule
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(network, DistributedDataParallel):
+        network = network.module
+    if isinstance(network, OptimizedModule):
+        network = network._orig_mod
+    return network
 
 
 # layer_sha256 -> the layer's tensors, already read by make_spec_and_layer; taken by the next build for that layer

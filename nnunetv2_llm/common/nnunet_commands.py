@@ -12,10 +12,10 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from nnunetv2_llm.environment import NNUNET_FOLDERS, nnunet_env
-from nnunetv2_llm.errors import LLMSettingError
+from nnunetv2_llm.common.environment import NNUNET_FOLDERS, nnunet_env
+from nnunetv2_llm.common.errors import LLMSettingError
 
-FIXTURE = Path(__file__).resolve().parent / "data" / "Task04_Hippocampus"
+FIXTURE = Path(__file__).resolve().parents[1] / "data" / "Task04_Hippocampus"
 
 
 class NnUNetCommandError(RuntimeError):

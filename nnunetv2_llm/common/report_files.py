@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from nnunetv2_llm.atomic_files import atomic_file
-from nnunetv2_llm.errors import LLMSettingError
+from nnunetv2_llm.common.atomic_files import atomic_file
+from nnunetv2_llm.common.errors import LLMSettingError
 
 
 def check_report_free(folder: str | Path, stem: str, overwrite: bool) -> None:

@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Iterator
 
-from nnunetv2_llm.errors import LLMSettingError
+from nnunetv2_llm.common.errors import LLMSettingError
 
 DATAFILE = "data_file.txt"
 REQUIRED_KEYS = ("channel_names", "labels", "file_ending", "numTraining")

@@ -37,8 +37,8 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
-from nnunetv2_llm.errors import LLMSettingError
-from nnunetv2_llm.nnunet_commands import nnunet_dataset_id
+from nnunetv2_llm.common.errors import LLMSettingError
+from nnunetv2_llm.common.nnunet_commands import nnunet_dataset_id
 
 CSV_COLUMNS = [
     "trainer", "fold", "case", "label", "label_name", "dice", "nsd", "hd95", "ref_empty", "pred_empty", "paired"
@@ -87,7 +87,7 @@ def check_comparable(trainers: Sequence[str], folds: Sequence[int], trainer_sett
 def check_output_dir(output_dir: Path, overwrite: bool, keep: Sequence[str] = ()) -> None:
     """CompareError when ``output_dir`` cannot be a folder, or already holds entries (other than names matching
     the glob patterns ``keep``) and ``overwrite`` is False."""
-    from nnunetv2_llm.dataset_checks import file_in_the_way
+    from nnunetv2_llm.common.dataset_checks import file_in_the_way
 
     output_dir = Path(output_dir)
     blocking = file_in_the_way(output_dir)
@@ -177,7 +177,7 @@ def write_comparison(
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
     from nnunetv2.utilities.file_path_utilities import convert_trainer_plans_config_to_identifier
 
-    from nnunetv2_llm.metrics import DEFAULT_NSD_TOLERANCE_MM
+    from nnunetv2_llm.evaluation.metrics import DEFAULT_NSD_TOLERANCE_MM
 
     if nsd_tolerance_mm is None:
         nsd_tolerance_mm = DEFAULT_NSD_TOLERANCE_MM
@@ -327,7 +327,7 @@ def _val_command(command: str, fold: int, trainer: str) -> str:
 
 
 def _dataset_json(trainer_dirs: Mapping[str, Path], preprocessed: Path) -> dict:
-    from nnunetv2_llm.dataset_checks import load_dataset_json
+    from nnunetv2_llm.common.dataset_checks import load_dataset_json
 
     candidates = [d / "dataset.json" for d in trainer_dirs.values()] + [preprocessed / "dataset.json"]
     for path in candidates:
@@ -465,7 +465,7 @@ def _reader(dataset_json: dict, example: Path, fix: str) -> type:
 def _read_seg(reader: type, path: Path, fix: str) -> tuple[np.ndarray, tuple[float, ...]]:
     """Label map and spacing, both in the axis order of nnU-Net's reader ((z, y, x) for SimpleITK; the channel
     axis dropped). CompareError naming the file and ``fix`` when it cannot be read."""
-    from nnunetv2_llm.predict_guard import nifti_problem
+    from nnunetv2_llm.tools.predict_guard import nifti_problem
 
     # SimpleITK reads a truncated .nii.gz without complaint (missing voxels become zeros): check NIfTI first.
     problem = nifti_problem(path) if path.name.endswith((".nii", ".nii.gz")) else None
@@ -480,7 +480,7 @@ def _read_seg(reader: type, path: Path, fix: str) -> tuple[np.ndarray, tuple[flo
 
 
 def _evaluate_case(task: _Case) -> list[dict]:
-    from nnunetv2_llm.metrics import case_metrics
+    from nnunetv2_llm.evaluation.metrics import case_metrics
 
     pred, pred_spacing = _read_seg(task.reader, task.prediction, task.prediction_fix)
     ref, spacing = _read_seg(task.reader, task.ground_truth, task.ground_truth_fix)
@@ -560,7 +560,7 @@ def _plot_differences(diffs: pd.DataFrame, reference: str, path: Path) -> None:
     import seaborn as sns
     from matplotlib.figure import Figure
 
-    from nnunetv2_llm.statistics import METRICS
+    from nnunetv2_llm.evaluation.statistics import METRICS
 
     fig = Figure(figsize=(5 * len(METRICS), 4.5), layout="constrained")
     for i, (ax, metric) in enumerate(zip(fig.subplots(1, len(METRICS)), METRICS)):
@@ -612,7 +612,7 @@ def _fmt_p(p: float) -> str:
 
 
 def _tolerance_text(tolerance: float | Mapping[int, float], labels: Mapping[int, str]) -> str:
-    from nnunetv2_llm.metrics import DEFAULT_NSD_TOLERANCE_MM
+    from nnunetv2_llm.evaluation.metrics import DEFAULT_NSD_TOLERANCE_MM
 
     if not isinstance(tolerance, Mapping):
         return f"{tolerance:g} mm"
@@ -637,7 +637,7 @@ def _budget_warning(
 def _llm_cells(trainer_dir: Path) -> list[str]:
     """LLM mixer, source, layer, the layer's dtype and sha256 (first 12 digits) from the model folder's plans.json,
     where nnunetv2_llm's trainers store them; '-' for a plain nnU-Net trainer."""
-    from nnunetv2_llm.spec import PLANS_KEY
+    from nnunetv2_llm.model.spec import PLANS_KEY
 
     path = trainer_dir / "plans.json"
     try:
@@ -704,7 +704,7 @@ def _report(
     header: dict,
     sections: list[str],
 ) -> str:
-    from nnunetv2_llm.statistics import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, METRICS, holm, mean_sd, paired_comparison
+    from nnunetv2_llm.evaluation.statistics import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, METRICS, holm, mean_sd, paired_comparison
 
     ref, folds = trainers[0], header["folds"]
     conventions = (

@@ -10,12 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from nnunetv2_llm.errors import LLMSettingError, setting_names
-from nnunetv2_llm.llm_source import (
+from nnunetv2_llm.common.errors import LLMSettingError, setting_names
+from nnunetv2_llm.llm.source import (
     ENV_LAYER, ENV_SOURCE, layer_blueprint, layer_storage_dtype, load_config, one_source_parse,
     read_layer_state_dict, resolve_layer_index, resolve_source, source_format, storage_dtype,
 )
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
 PLANS_KEY = "nnunetv2_llm"
+PLANS_FILE = "plans.json"  # nnU-Net's copy of the plans in a model folder
 MIXERS = ("pretrained", "random", "identity")
 LAYER_DTYPES = ("float32", "bfloat16")  # what a trainer may ask the frozen layer to be stored and run in
 FROZEN_PREFIX = "bottleneck.mixer.layer."  # where the frozen layer's tensors sit in the network's state dict
@@ -89,6 +91,29 @@ class BottleneckSpec:
         plans[PLANS_KEY] = asdict(self)
 
     @classmethod
+    def from_model_folder(cls, folder: str | Path, required: bool = True) -> BottleneckSpec | None:
+        """The spec stored in a model folder's ``plans.json`` (the one reader of that file's block).
+
+        Args:
+            folder: a trainer folder (``nnUNet_results/DatasetXXX_Name/TRAINER__PLANS__CONFIGURATION``).
+            required: raise when plans.json has no block (else return None: a plain nnU-Net model folder).
+
+        Returns:
+            The spec, or None when ``required`` is False and plans.json carries no ``nnunetv2_llm`` block.
+
+        Raises:
+            LLMSettingError: plans.json is missing, unreadable or malformed, or (``required``) carries no block.
+        """
+        path = Path(folder) / PLANS_FILE
+        try:
+            plans = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise LLMSettingError(f"'{path}' is unreadable ({e})", "the model folder's plans.json") from None
+        if not isinstance(plans, dict) or (not required and PLANS_KEY not in plans):
+            return None
+        return cls.from_plans(plans)
+
+    @classmethod
     def from_plans(cls, plans: dict) -> "BottleneckSpec":
         if PLANS_KEY not in plans:
             raise LLMSettingError(
@@ -150,7 +175,7 @@ def _make_spec(mixer: str, source, layer, rank: int, lora_rank: int, lora_alpha:
             source_dtype = storage_dtype(state)
         else:  # the controls use no pre-trained weights: only the dtype they are stored in
             state, source_dtype = None, layer_storage_dtype(path, config, index, blueprint)
-    from nnunetv2_llm.frozen_layer import weights_dtype
+    from nnunetv2_llm.model.frozen_layer import weights_dtype
 
     dtype = getattr(torch, dtype_name) if dtype_name else weights_dtype(source_dtype)
     for key in state or ():  # into the network's dtype one tensor at a time: never a second copy of the layer
@@ -182,6 +207,26 @@ def frozen_layer_sha256(network_state: dict[str, torch.Tensor], dtype: torch.dty
     layer = {k[len(prefix):].replace(".base_layer.", "."): v for k, v in network_state.items()
              if k.startswith(prefix) and "lora_" not in k}
     return state_dict_sha256(layer, dtype)
+
+
+def frozen_layer_differs(network_state: dict[str, torch.Tensor], spec: BottleneckSpec,
+                         expected: str | None = None, prefix: str = FROZEN_PREFIX) -> str | None:
+    """The one check that a network's (or checkpoint's) frozen layer is the one it should be.
+
+    Args:
+        network_state: a network's or checkpoint's state dict (keys under ``prefix`` hold the frozen layer).
+        spec: the spec whose layer is expected (its dtype is used for the checksum).
+        expected: the expected checksum; default the spec's ``layer_sha256`` (the pre-trained layer's).
+
+    Returns:
+        The found checksum when it differs from ``expected``, else None (also for the no-LLM control, and for a spec
+        without a stored checksum when no ``expected`` is given).
+    """
+    expected = expected if expected is not None else spec.layer_sha256
+    if spec.mixer == "identity" or not expected:
+        return None
+    found = frozen_layer_sha256(network_state, spec.dtype, prefix)
+    return found if found != expected else None
 
 
 def _short(value) -> str:

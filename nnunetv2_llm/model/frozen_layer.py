@@ -26,9 +26,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from nnunetv2_llm.cpu_threads import all_threads
-from nnunetv2_llm.llm_source import LayerBlueprint, instantiate_layer
-from nnunetv2_llm.onednn_linear import use_onednn_linears
+from nnunetv2_llm.model.cpu_threads import all_threads
+from nnunetv2_llm.llm.source import LayerBlueprint, instantiate_layer
+from nnunetv2_llm.model.onednn_linear import use_onednn_linears
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig

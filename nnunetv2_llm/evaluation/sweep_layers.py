@@ -17,15 +17,15 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from nnunetv2_llm.errors import LLMSettingError
-from nnunetv2_llm.head_to_head import prepare_dataset, require_nnunet_env, train_all
-from nnunetv2_llm.llm_source import ENV_LAYER, ENV_SOURCE
-from nnunetv2_llm.nnunet_commands import (
+from nnunetv2_llm.common.errors import LLMSettingError
+from nnunetv2_llm.evaluation.head_to_head import prepare_dataset, require_nnunet_env, train_all
+from nnunetv2_llm.llm.source import ENV_LAYER, ENV_SOURCE
+from nnunetv2_llm.common.nnunet_commands import (
     check_device, check_trainer_names, check_training_request, dataset_folder, nnunet_dataset_id,
 )
 
 if TYPE_CHECKING:
-    from nnunetv2_llm.spec import BottleneckSpec
+    from nnunetv2_llm.model.spec import BottleneckSpec
 
 TRAINING_FOLDERS = ("layer_*", "results")  # the sweep's own training state in -o, kept between runs
 
@@ -40,8 +40,8 @@ def sweep_layers(dataset: str | int, configuration: str, trainer: str, layers: S
     """Returns the path of the report (report.md, with ``dice_per_layer.png`` beside it)."""
     from nnunetv2.utilities.file_path_utilities import convert_trainer_plans_config_to_identifier as folder_name
 
-    from nnunetv2_llm.compare import check_comparable, check_output_dir, staged_outputs, write_comparison
-    from nnunetv2_llm.spec import make_spec
+    from nnunetv2_llm.evaluation.compare import check_comparable, check_output_dir, staged_outputs, write_comparison
+    from nnunetv2_llm.model.spec import make_spec
 
     env = require_nnunet_env()
     if llm_source:
@@ -89,7 +89,7 @@ def sweep_layers(dataset: str | int, configuration: str, trainer: str, layers: S
 def _check_trained_layer(output_dir: Path, dataset_id: int, model_folder_name: str, spec: BottleneckSpec) -> None:
     """The sweep skips the finished folds of ``-o/layer_K``: refuse one whose model folder was trained with another
     layer or source (its plans.json's ``nnunetv2_llm`` block), which would be reported under the wrong layer."""
-    from nnunetv2_llm.spec import PLANS_KEY
+    from nnunetv2_llm.model.spec import PLANS_KEY
 
     results = dataset_folder(str(output_dir / f"layer_{spec.layer}"), dataset_id)
     plans_file = results / model_folder_name / "plans.json" if results is not None else None

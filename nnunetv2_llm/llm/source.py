@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from nnunetv2_llm.errors import LLMSettingError
+from nnunetv2_llm.common.errors import LLMSettingError
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig

@@ -202,7 +202,7 @@ def resolve_synthetic(value: str | None) -> str | None:
         return value
     preset = str(value)[len(SYNTHETIC_PREFIX):]
     if preset not in PRESETS:
-        from nnunetv2_llm.errors import LLMSettingError
+        from nnunetv2_llm.common.errors import LLMSettingError
 
         raise LLMSettingError(f"unknown synthetic LLM '{value}'; known: "
                               f"{', '.join(SYNTHETIC_PREFIX + p for p in PRESETS)}", "--llm-source")

@@ -21,10 +21,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from nnunetv2_llm.dataset_checks import file_in_the_way, path_inside
-from nnunetv2_llm.errors import LLMSettingError
-from nnunetv2_llm.nnunet_commands import dataset_folder
-from nnunetv2_llm.predict_guard import IMAGE_ENDINGS, check_image
+from nnunetv2_llm.common.dataset_checks import file_in_the_way, path_inside
+from nnunetv2_llm.common.errors import LLMSettingError
+from nnunetv2_llm.common.nnunet_commands import dataset_folder
+from nnunetv2_llm.tools.predict_guard import IMAGE_ENDINGS, check_image
 
 DEFAULT_DATAFILE = "data_file.txt"
 FILE_ENDING = ".nii.gz"

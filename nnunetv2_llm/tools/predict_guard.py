@@ -23,7 +23,7 @@ import struct
 import zlib
 from pathlib import Path
 
-from nnunetv2_llm.errors import LLMSettingError
+from nnunetv2_llm.common.errors import LLMSettingError
 
 # The file endings of nnU-Net's image readers (SimpleITK, nibabel, tiff, 2-D natural images, blosc2).
 IMAGE_ENDINGS = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr", ".tif", ".tiff", ".png", ".bmp", ".b2nd")
@@ -208,7 +208,7 @@ def check_not_a_dataset_or_model(output: Path) -> None:
 def model_folder_of(dataset: str, trainer: str, plans: str, configuration: str) -> Path:
     from nnunetv2.utilities.file_path_utilities import convert_trainer_plans_config_to_identifier
 
-    from nnunetv2_llm.nnunet_commands import dataset_folder, nnunet_dataset_id
+    from nnunetv2_llm.common.nnunet_commands import dataset_folder, nnunet_dataset_id
 
     results = os.environ.get("nnUNet_results")
     if not results:
@@ -227,7 +227,7 @@ def model_folder_of(dataset: str, trainer: str, plans: str, configuration: str) 
 
 def check_model(folder: Path, folds: list[str], checkpoint_name: str) -> None:
     """Each fold's checkpoint exists, is safely readable, and fits the plans' LLM block."""
-    from nnunetv2_llm.spec import FROZEN_PREFIX, PLANS_KEY, BottleneckSpec, frozen_layer_sha256
+    from nnunetv2_llm.model.spec import FROZEN_PREFIX, PLANS_KEY, BottleneckSpec, frozen_layer_sha256
     from nnunetv2_llm.trainers.reliability import CheckpointUnreadable, load_checkpoint_file
 
     try:
@@ -267,7 +267,7 @@ def check_model(folder: Path, folds: list[str], checkpoint_name: str) -> None:
 # ------------------------------------------------------------------------------------------------------- main
 def check_run_options(args: argparse.Namespace) -> None:
     """Device, step size, parts and the cascade's previous-stage folder, before nnU-Net starts."""
-    from nnunetv2_llm.nnunet_commands import check_device
+    from nnunetv2_llm.common.nnunet_commands import check_device
 
     check_device(args.device, "-device")
     if args.step_size is not None and not 0 < args.step_size <= 1:
@@ -281,8 +281,8 @@ def check_run_options(args: argparse.Namespace) -> None:
 
 
 def predict(args: argparse.Namespace) -> int:
-    from nnunetv2_llm.environment import nnunet_env
-    from nnunetv2_llm.nnunet_commands import run
+    from nnunetv2_llm.common.environment import nnunet_env
+    from nnunetv2_llm.common.nnunet_commands import run
 
     check_run_options(args)
     inputs, output = Path(args.i).expanduser(), Path(args.o).expanduser()

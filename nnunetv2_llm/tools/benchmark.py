@@ -32,12 +32,12 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from nnunetv2_llm.nnunet_commands import (
+from nnunetv2_llm.common.nnunet_commands import (
     check_device, check_folds, check_trainer_names, dataset_folder, find_trainer_class, is_preprocessed,
     nnunet_dataset_id,
 )
-from nnunetv2_llm.process_memory import current_rss, peak_rss, reset_peak_rss
-from nnunetv2_llm.report_files import check_report_free, write_json_and_markdown
+from nnunetv2_llm.common.process_memory import current_rss, peak_rss, reset_peak_rss
+from nnunetv2_llm.common.report_files import check_report_free, write_json_and_markdown
 
 if TYPE_CHECKING:  # torch and nnU-Net are imported after the environment is set (OpenMP reads it once)
     import torch
@@ -105,9 +105,9 @@ def main(args: argparse.Namespace) -> int:
 
 def _prepare_environment(args: argparse.Namespace, trainer_logs: str) -> None:
     """Environment for nnU-Net and the LLM trainers; set before torch is imported (OpenMP reads it once)."""
-    from nnunetv2_llm.environment import ext_trainer_value
-    from nnunetv2_llm.errors import LLMSettingError
-    from nnunetv2_llm.synthetic_llm import resolve_synthetic
+    from nnunetv2_llm.common.environment import ext_trainer_value
+    from nnunetv2_llm.common.errors import LLMSettingError
+    from nnunetv2_llm.llm.synthetic import resolve_synthetic
 
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ["nnUNet_extTrainer"] = ext_trainer_value()
@@ -131,7 +131,7 @@ def _prepare_environment(args: argparse.Namespace, trainer_logs: str) -> None:
 
 
 def _check_counts(args: argparse.Namespace) -> None:
-    from nnunetv2_llm.errors import LLMSettingError
+    from nnunetv2_llm.common.errors import LLMSettingError
 
     for flag, minimum in COUNT_MINIMUMS.items():
         value = getattr(args, flag[2:].replace("-", "_"))
@@ -142,7 +142,7 @@ def _check_counts(args: argparse.Namespace) -> None:
 def _check_inputs(args: argparse.Namespace) -> None:
     """The dataset, its plans, preprocessed data and fold, every trainer class, the output folder and the device,
     checked before anything is measured."""
-    from nnunetv2_llm.errors import LLMSettingError
+    from nnunetv2_llm.common.errors import LLMSettingError
 
     dataset_id = nnunet_dataset_id(args.dataset)
     folder = dataset_folder(os.environ["nnUNet_preprocessed"], dataset_id)
@@ -161,7 +161,7 @@ def _check_inputs(args: argparse.Namespace) -> None:
 def _check_llm_choice(trainers: list[str], source: str | None, layer: str | None) -> None:
     """The LLM source and layer index the LLM trainers will read (config only, no weights), resolved before the first
     memory probe rather than by it."""
-    from nnunetv2_llm.spec import make_spec
+    from nnunetv2_llm.model.spec import make_spec
     from nnunetv2_llm.trainers import nnUNetTrainerLLM
 
     if any(issubclass(find_trainer_class(name), nnUNetTrainerLLM) for name in trainers):
@@ -218,7 +218,7 @@ def build_trainer(name: str, args: argparse.Namespace, device: torch.device, qui
 
 
 def parameter_counts(network: torch.nn.Module) -> dict[str, int | str | None]:
-    from nnunetv2_llm.trainers.reliability import unwrap_network
+    from nnunetv2_llm.model.network import unwrap_network
 
     net = unwrap_network(network)
     trainable = [p for p in net.parameters() if p.requires_grad]
@@ -299,7 +299,7 @@ def time_training(trainers: dict[str, nnUNetTrainer], batches: list[dict], warmu
     nnunet_step: call nnU-Net's ``nnUNetTrainer.train_step`` instead of the trainer's own override."""
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-    from nnunetv2_llm.trainers.reliability import unwrap_network
+    from nnunetv2_llm.model.network import unwrap_network
 
     times = {name: [] for name in trainers}
     first = {}
@@ -399,7 +399,7 @@ def count_flops(trainer: nnUNetTrainer, batch: dict, device: torch.device) -> di
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from nnunetv2_llm.trainers.reliability import unwrap_network
+    from nnunetv2_llm.model.network import unwrap_network
 
     net = unwrap_network(trainer.network)
     net.train()
@@ -488,7 +488,7 @@ def matmul_rate(device: torch.device, dtype_name: str, m: int, k: int, n: int, s
 
     import torch
 
-    from nnunetv2_llm.onednn_linear import OneDNNLinear
+    from nnunetv2_llm.model.onednn_linear import OneDNNLinear
 
     dtype = getattr(torch, dtype_name)
     a = torch.randn(m, k, device=device).to(dtype)
@@ -514,7 +514,7 @@ def measure_memory(names: list[str], args: argparse.Namespace, device: torch.dev
     for name in names:
         request = {"trainer": name, "dataset": str(args.dataset), "configuration": args.configuration,
                    "plans": args.plans, "fold": args.fold, "device": device.type, "steps": args.memory_steps}
-        proc = subprocess.run([sys.executable, "-m", "nnunetv2_llm.benchmark", "--memory-probe", json.dumps(request)],
+        proc = subprocess.run([sys.executable, "-m", "nnunetv2_llm.tools.benchmark", "--memory-probe", json.dumps(request)],
                               capture_output=True, text=True, env=os.environ.copy())
         line = next((ln for ln in reversed(proc.stdout.splitlines()) if ln.startswith("MEMORY_PROBE ")), None)
         if proc.returncode != 0 or line is None:
@@ -586,7 +586,7 @@ def _paired_ratio(a: list[float], b: list[float]) -> dict:
     bootstrap 95% CI of their median (None below 3 rounds)."""
     import numpy as np
 
-    from nnunetv2_llm.statistics import median_ci
+    from nnunetv2_llm.evaluation.statistics import median_ci
 
     if not a or not b:
         return {"median": None, "q25": None, "q75": None, "ci95": None}
@@ -638,7 +638,7 @@ def environment_info(device: torch.device) -> dict[str, str | int | None]:
         info["cuda"] = torch.version.cuda
         info["gpu_memory_total"] = torch.cuda.get_device_properties(device).total_memory
     try:
-        repo = Path(__file__).resolve().parent.parent
+        repo = Path(__file__).resolve().parents[2]
         info["git_commit"] = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
                                             capture_output=True, text=True, timeout=10).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
@@ -910,7 +910,7 @@ def to_markdown(results: dict) -> str:
 # ----------------------------------------------------------------------------------------------- probe entry
 def _probe_entry(argv: list[str]) -> int:
     if len(argv) != 2 or argv[0] != "--memory-probe":
-        print("usage: python -m nnunetv2_llm.benchmark --memory-probe JSON (internal)", file=sys.stderr)
+        print("usage: python -m nnunetv2_llm.tools.benchmark --memory-probe JSON (internal)", file=sys.stderr)
         return 2
     result = memory_probe(json.loads(argv[1]))
     print("MEMORY_PROBE " + json.dumps(result), flush=True)

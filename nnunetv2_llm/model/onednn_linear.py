@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nnunetv2_llm.cpu_threads import all_threads
+from nnunetv2_llm.model.cpu_threads import all_threads
 
 
 class OneDNNLinear(nn.Linear):

@@ -24,13 +24,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from nnunetv2_llm.errors import LLMSettingError
+from nnunetv2_llm.common.errors import LLMSettingError
 
 if TYPE_CHECKING:  # torch and nnU-Net are imported where they are used: the command line starts without them
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-    from nnunetv2_llm.bottleneck import LLMBottleneckBlock
+    from nnunetv2_llm.model.block import LLMBottleneckBlock
 
 REDUCTIONS = ("mean-abs", "l2")
 
@@ -62,7 +62,7 @@ class ActivationMaps:
 
 def check_model_folder(model_folder: Path, fold: str, checkpoint: str) -> dict:
     """The folder's plans.json, after checking the folder is a trained nnunetv2_llm model folder."""
-    from nnunetv2_llm.spec import PLANS_KEY
+    from nnunetv2_llm.model.spec import PLANS_KEY
 
     if not model_folder.is_dir():
         raise LLMSettingError(f"model folder {model_folder} does not exist", "-m")
@@ -88,7 +88,7 @@ def load_predictor(model_folder: str | os.PathLike, fold: str = "0", checkpoint:
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-    from nnunetv2_llm.environment import ext_trainer_value
+    from nnunetv2_llm.common.environment import ext_trainer_value
 
     model_folder = Path(model_folder).expanduser().resolve()
     check_model_folder(model_folder, fold, checkpoint)
@@ -120,7 +120,7 @@ def load_predictor(model_folder: str | os.PathLike, fold: str = "0", checkpoint:
 
 def bottleneck_of(network: torch.nn.Module) -> LLMBottleneckBlock:
     """The LLMBottleneckBlock of a (possibly torch.compile'd) network."""
-    from nnunetv2_llm.bottleneck import LLMBottleneckBlock
+    from nnunetv2_llm.model.block import LLMBottleneckBlock
 
     network = getattr(network, "_orig_mod", network)
     block = getattr(network, "bottleneck", None)
@@ -240,7 +240,7 @@ def compute_activation_maps(model_folder: str | os.PathLike, images: list[str], 
     import torch
     import torch.nn.functional as F
 
-    from nnunetv2_llm.spec import BottleneckSpec
+    from nnunetv2_llm.model.spec import BottleneckSpec
 
     if reduction not in REDUCTIONS:
         raise LLMSettingError(f"--reduce must be one of {REDUCTIONS}", "--reduce")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from nnunetv2_llm.environment import NNUNET_FOLDERS, TRAINERS_DIR, export_lines, ext_trainer_value
-from nnunetv2_llm.llm_source import ENV_LAYER, ENV_SOURCE
+from nnunetv2_llm.common.environment import NNUNET_FOLDERS, TRAINERS_DIR, export_lines, ext_trainer_value
+from nnunetv2_llm.llm.source import ENV_LAYER, ENV_SOURCE
 
 
 def print_info(llm_source: str | None = None, llm_layer: str | None = None, exports: bool = False) -> int:
@@ -17,7 +17,7 @@ def print_info(llm_source: str | None = None, llm_layer: str | None = None, expo
     if exports:
         print(export_lines())
         return 0
-    from nnunetv2_llm.spec import make_spec
+    from nnunetv2_llm.model.spec import make_spec
 
     spec = make_spec("pretrained", source=llm_source, layer=llm_layer)
     print(f"LLM source:  {spec.source} ({spec.source_format}; from "

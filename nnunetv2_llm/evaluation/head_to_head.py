@@ -13,15 +13,15 @@ import argparse
 from pathlib import Path
 from typing import Sequence
 
-from nnunetv2_llm.errors import LLMSettingError
-from nnunetv2_llm.nnunet_commands import (
+from nnunetv2_llm.common.errors import LLMSettingError
+from nnunetv2_llm.common.nnunet_commands import (
     check_device, check_trainer_names, check_training_request, dataset_folder, ensure_preprocessed, ensure_trained,
     nnunet_dataset_id, trainer_fold_dir,
 )
 
 
 def require_nnunet_env() -> dict[str, str]:
-    from nnunetv2_llm.environment import NNUNET_FOLDERS, nnunet_env
+    from nnunetv2_llm.common.environment import NNUNET_FOLDERS, nnunet_env
 
     env = nnunet_env()
     missing = [name for name in NNUNET_FOLDERS if name not in env]
@@ -33,7 +33,7 @@ def require_nnunet_env() -> dict[str, str]:
 
 def prepare_dataset(dataset_id: int, configuration: str, plans: str, env: dict[str, str]) -> None:
     """Check the raw dataset, then plan and preprocess unless done."""
-    from nnunetv2_llm.dataset_checks import check_raw_dataset
+    from nnunetv2_llm.common.dataset_checks import check_raw_dataset
 
     raw = dataset_folder(env["nnUNet_raw"], dataset_id)
     if raw is None:
@@ -66,7 +66,7 @@ def train_all(dataset_id: int, configuration: str, trainers: Sequence[str], fold
 def head_to_head(dataset: str | int, configuration: str, trainers: Sequence[str], folds: Sequence[int],
                  output_dir: Path, device: str = "cuda", plans: str = "nnUNetPlans", overwrite: bool = False) -> Path:
     """Train what is missing, then write the comparison report; returns the path of report.md."""
-    from nnunetv2_llm.compare import check_comparable, check_output_dir, compare
+    from nnunetv2_llm.evaluation.compare import check_comparable, check_output_dir, compare
 
     check_comparable(trainers, folds)
     check_output_dir(output_dir, overwrite)

@@ -1,0 +1,1 @@
+"""Shared plumbing: user-facing errors, atomic files, dataset checks, nnU-Net's commands and environment."""

@@ -1,0 +1,1 @@
+"""Is it better? Metrics, paired statistics, compare, head-to-head and the layer sweep."""

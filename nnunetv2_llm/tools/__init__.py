@@ -1,0 +1,1 @@
+"""Command-line tools around nnU-Net: benchmark, activation maps, guarded predict, data conversion, demo, info."""
