@@ -16,11 +16,11 @@ from nnunetv2_llm.common.nnunet_commands import NnUNetCommandError
 COMMANDS = {
     "info": ("nnunetv2_llm.tools.info", "show the resolved LLM source and layer, and what is missing"),
     "demo": ("nnunetv2_llm.tools.demo", "plan, train a short budget and predict on the embedded Hippocampus subset"),
-    "compare": ("nnunetv2_llm.evaluation.compare", "per-case metrics and paired statistics of trainers' validation outputs"),
+    "compare": ("nnunetv2_llm.evaluation.compare.cli", "per-case metrics and paired statistics of trainers' validation outputs"),
     "head-to-head": ("nnunetv2_llm.evaluation.head_to_head", "train what is missing for each trainer and fold, then compare"),
-    "benchmark": ("nnunetv2_llm.tools.benchmark", "measured cost of the LLM block: step time, inference, memory"),
+    "benchmark": ("nnunetv2_llm.tools.benchmark.cli", "measured cost of the LLM block: step time, inference, memory"),
     "sweep-layers": ("nnunetv2_llm.evaluation.sweep_layers", "train the LLM trainer for several layer indices and compare"),
-    "activation-maps": ("nnunetv2_llm.tools.activation_maps", "bottleneck activations before/after the LLM block"),
+    "activation-maps": ("nnunetv2_llm.tools.activation_maps.cli", "bottleneck activations before/after the LLM block"),
     "predict": ("nnunetv2_llm.tools.predict_guard", "nnUNetv2_predict with input checks and no silent overwrite"),
     "convert-datafile": ("nnunetv2_llm.tools.convert_datafile", "MedVisionLlama data_file.txt -> nnU-Net raw dataset"),
 }

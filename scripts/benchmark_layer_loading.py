@@ -8,11 +8,11 @@ The checkpoint is synthetic (``nnunetv2_llm.llm.synthetic``): Llama-3.1-8B's sha
 into ``--shard-mib`` shards the way ``save_pretrained`` cuts them, random weights. It is written once to
 ``--folder`` (default: the synthetic cache in the temp dir) and reused.
 
-Each measurement runs in a fresh Python process. "Above the empty process" means above the RSS after importing
-torch, transformers, safetensors and nnunetv2_llm; the RSS high-water mark (VmHWM) is reset at that point
-(``/proc/self/clear_refs``), since importing torch alone peaks higher than what follows. Resident pages of
-memory-mapped safetensors files count in RSS.
-Target (issue 4): peak RSS above the empty process < 1.5 x the layer's own bytes, and < 5 s.
+Each measurement runs in a fresh Python process (``run_measurement``). "Above the empty process" means above the
+RSS after importing torch, transformers, safetensors and nnunetv2_llm; the RSS high-water mark (VmHWM) is reset at
+that point (``/proc/self/clear_refs``), since importing torch alone peaks higher than what follows. Resident pages
+of memory-mapped safetensors files count in RSS.
+Targets: peak RSS above the empty process < 1.5 x the layer's own bytes, and < 5 s.
 
     python scripts/benchmark_layer_loading.py [--layers 4] [--layer-index 2] [--shard-mib 1024] [--skip-full]
 """
@@ -22,17 +22,24 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from nnunetv2_llm.common.errors import LLMSettingError, exit_on_setting_error
-from nnunetv2_llm.common.process_memory import current_rss, peak_rss, reset_peak_rss
-from nnunetv2_llm.common.report_files import check_report_free, write_json_and_markdown
+from nnunetv2_llm.common.outputs import check_report_free, write_json_and_markdown
 from nnunetv2_llm.llm.synthetic import PRESETS, ensure_synthetic_checkpoint, layer_nbytes, write_synthetic_checkpoint
+from nnunetv2_llm.tools.benchmark.measurement import (
+    MeasurementFailed,
+    current_rss,
+    peak_rss,
+    report_measurement,
+    reset_peak_rss,
+    run_measurement,
+)
 
 RSS_TARGET = 1.5
+GIB = 2 ** 30
 TIME_TARGET_S = 5.0
 SETTINGS = {"source_setting": "--folder", "layer_setting": "--layer-index"}  # this script's names in errors
 
@@ -50,14 +57,14 @@ def child_single(folder: str, index: int, channels: int, rank: int) -> dict:
 
     from nnunetv2_llm.model.block import LLMBottleneckBlock
     from nnunetv2_llm.model.network import build_mixer, reuse_layer
-    from nnunetv2_llm.model.spec import make_spec_and_layer
+    from nnunetv2_llm.model.spec import LLMChoice, make_spec_and_layer
 
     gc.collect()
     peak_imports = peak_rss()
     reset = reset_peak_rss()
     rss0, peak0 = current_rss(), peak_rss()
     t0 = time.perf_counter()
-    spec, layer_read = make_spec_and_layer("pretrained", folder, index, rank=rank, **SETTINGS)
+    spec, layer_read = make_spec_and_layer(LLMChoice("pretrained", folder, index, rank=rank, **SETTINGS))
     t1 = time.perf_counter()
     rss_spec, peak_spec = current_rss(), peak_rss()
     with reuse_layer(spec, layer_read):
@@ -114,14 +121,25 @@ def child_full(folder: str, index: int) -> dict:
 
 
 def run_child(kind: str, args: argparse.Namespace, folder: Path) -> dict:
-    cmd = [sys.executable, __file__, "--child", kind, "--folder", str(folder), "--layer-index", str(args.layer_index),
-           "--channels", str(args.channels), "--rank", str(args.rank)]
+    """One measurement (``child_single`` or ``child_full``) in a fresh Python process."""
+    request = {"kind": kind, "folder": str(folder), "index": args.layer_index, "channels": args.channels,
+               "rank": args.rank}
     env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    line = next((ln for ln in reversed(proc.stdout.splitlines()) if ln.startswith("RESULT ")), None)
-    if proc.returncode != 0 or line is None:
-        raise SystemExit(f"{kind} measurement failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-    return json.loads(line[len("RESULT "):])
+    try:
+        return run_measurement([__file__, "--child"], request, env)
+    except MeasurementFailed as e:
+        raise SystemExit(f"{kind} measurement failed ({e.returncode}):\n{e.stdout[-2000:]}\n"
+                         f"{e.stderr[-4000:]}") from None
+
+
+def child_entry(request: dict) -> int:
+    """The child process: run the requested measurement and report it."""
+    if request["kind"] == "single":
+        result = child_single(request["folder"], request["index"], request["channels"], request["rank"])
+    else:
+        result = child_full(request["folder"], request["index"])
+    report_measurement(result)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,14 +156,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--output", default="layer_loading_benchmark", help="folder for the JSON and markdown")
     parser.add_argument("--overwrite", action="store_true", help="replace layer_loading.json/.md already in --output")
-    parser.add_argument("--child", choices=("single", "full"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", metavar="REQUEST_JSON", help=argparse.SUPPRESS)  # run_child's process
     args = parser.parse_args(argv)
 
     if args.child:
-        result = child_single(args.folder, args.layer_index, args.channels, args.rank) if args.child == "single" \
-            else child_full(args.folder, args.layer_index)
-        print("RESULT " + json.dumps(result), flush=True)
-        return 0
+        return child_entry(json.loads(args.child))
     with exit_on_setting_error(Path(__file__).name):
         return run(args)
 
@@ -153,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
 def prepare_checkpoint(args: argparse.Namespace) -> Path:
     """The checkpoint folder (written unless ``--folder`` holds one), with ``args.layer_index`` checked against it and
     resolved (negative counts from the end) before any measurement."""
-    from nnunetv2_llm.model.spec import make_spec
+    from nnunetv2_llm.model.spec import LLMChoice, make_spec
 
     if args.repeats < 1:
         raise LLMSettingError(f"--repeats must be at least 1, got {args.repeats}", "--repeats")
@@ -165,20 +180,21 @@ def prepare_checkpoint(args: argparse.Namespace) -> Path:
         shard_bytes = int(args.shard_mib * 2 ** 20)
         folder = write_synthetic_checkpoint(folder, args.preset, args.layers, True, shard_bytes) if folder \
             else ensure_synthetic_checkpoint(args.preset, args.layers, True, shard_bytes)
-    args.layer_index = make_spec("random", str(folder), args.layer_index, **SETTINGS).layer
+    args.layer_index = make_spec(LLMChoice("random", str(folder), args.layer_index, **SETTINGS)).layer
     return folder
 
 
 def run(args: argparse.Namespace) -> int:
+    """Prepare the checkpoint, measure the single-layer build ``--repeats`` times and the whole-model load once,
+    each in a fresh process; write layer_loading.json and .md."""
     check_report_free(args.output, "layer_loading", args.overwrite)
     start = time.perf_counter()
     folder = prepare_checkpoint(args)
     written_s = time.perf_counter() - start
     index = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"] \
         if (folder / "model.safetensors.index.json").is_file() else {}
-    shards_of_layer = sorted({v for k, v in index.items() if f".layers.{args.layer_index}." in k})
     print(f"checkpoint: {folder} ({len(set(index.values())) or 1} shards; layer {args.layer_index} in "
-          f"{shards_of_layer}); ready in {written_s:.1f} s", flush=True)
+          f"{_shards_holding(index, args.layer_index)}); ready in {written_s:.1f} s", flush=True)
 
     singles = []
     for r in range(args.repeats):
@@ -187,22 +203,36 @@ def run(args: argparse.Namespace) -> int:
         print(f"  single layer, run {r + 1}: {s['seconds_total']:.2f} s, peak RSS above empty "
               f"{(s['peak'] - s['rss_empty']) / 2 ** 20:.0f} MiB", flush=True)
     full = None if args.skip_full else run_child("full", args, folder)
+    summary = summarise(args, folder, index, singles, full)
+    write_json_and_markdown(args.output, "layer_loading", summary, to_markdown(summary))
+    return 0
 
-    def med(values):
-        values = sorted(values)
-        return values[len(values) // 2]
 
+def _shards_holding(weight_map: dict[str, str], layer: int) -> list[str]:
+    """The shard files that hold tensors of decoder layer ``layer``."""
+    return sorted({shard for name, shard in weight_map.items() if f".layers.{layer}." in name})
+
+
+def _median(values: list[float]) -> float:
+    values = sorted(values)
+    return values[len(values) // 2]
+
+
+def summarise(args: argparse.Namespace, folder: Path, index: dict[str, str], singles: list[dict],
+              full: dict | None) -> dict:
+    """The measurements with medians over the single-layer runs and peaks relative to the layer's bytes."""
     layer_bytes = singles[0]["layer_bytes"]
-    single_peak = med([s["peak"] - s["rss_empty"] for s in singles])
-    single_time = med([s["seconds_total"] for s in singles])
+    single_peak = _median([s["peak"] - s["rss_empty"] for s in singles])
+    single_time = _median([s["seconds_total"] for s in singles])
     summary = {
         "checkpoint": str(folder), "layers_in_checkpoint": args.layers, "layer_index": args.layer_index,
-        "shards": len(set(index.values())) or 1, "shards_holding_layer": shards_of_layer,
+        "shards": len(set(index.values())) or 1,
+        "shards_holding_layer": _shards_holding(index, args.layer_index),
         "preset": args.preset, "layer_bytes": layer_bytes, "layer_bytes_expected": layer_nbytes(args.preset),
         "single": {"runs": singles, "median_seconds": single_time, "median_peak_above_empty": single_peak,
                    "peak_over_layer_bytes": single_peak / layer_bytes,
-                   "median_seconds_spec": med([s["seconds_spec"] for s in singles]),
-                   "median_seconds_build": med([s["seconds_build"] for s in singles])},
+                   "median_seconds_spec": _median([s["seconds_spec"] for s in singles]),
+                   "median_seconds_build": _median([s["seconds_build"] for s in singles])},
         "full": full,
         "targets": {"peak_over_layer_bytes": RSS_TARGET, "seconds": TIME_TARGET_S},
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cpu_count": os.cpu_count(),
@@ -212,13 +242,11 @@ def run(args: argparse.Namespace) -> int:
         summary["full"]["peak_over_layer_bytes"] = (full["peak"] - full["rss_empty"]) / layer_bytes
         summary["full"]["touched_peak_above_empty"] = full["peak_touched"] - full["rss_empty"]
         summary["full"]["touched_peak_over_layer_bytes"] = (full["peak_touched"] - full["rss_empty"]) / layer_bytes
-    write_json_and_markdown(args.output, "layer_loading", summary, to_markdown(summary))
-    return 0
+    return summary
 
 
 def to_markdown(s: dict) -> str:
-    gib = 2 ** 30
-    single = s["single"]
+    """layer_loading.md: what was loaded, then one table row per way of loading."""
     lines = [
         f"Layer {s['layer_index']} of a synthetic {s['preset']} checkpoint ({s['layers_in_checkpoint']} layers + "
         f"embeddings and head, {s['shards']} shards, bfloat16; the layer is {s['layer_bytes'] / 2 ** 20:.0f} MiB and "
@@ -226,25 +254,38 @@ def to_markdown(s: dict) -> str:
         "",
         "| what | seconds (median) | peak RSS above empty process | / layer bytes | target |",
         "|---|---|---|---|---|",
-        f"| nnunetv2_llm: read layer k once (make_spec_and_layer) + build the block from it | {single['median_seconds']:.2f} (spec "
-        f"{single['median_seconds_spec']:.2f} + build {single['median_seconds_build']:.2f}) | "
-        f"{single['median_peak_above_empty'] / gib:.2f} GiB | {single['peak_over_layer_bytes']:.2f} | "
-        f"< {s['targets']['peak_over_layer_bytes']} and < {s['targets']['seconds']:.0f} s: "
-        f"{'met' if single['peak_over_layer_bytes'] < s['targets']['peak_over_layer_bytes'] and single['median_seconds'] < s['targets']['seconds'] else 'MISSED'} |",
+        _single_row(s),
     ]
     if s["full"]:
-        f = s["full"]
-        lines.append(f"| transformers from_pretrained (whole {s['layers_in_checkpoint']}-layer model, "
-                     f"{f['model_bytes'] / gib:.2f} GiB), keep one layer: as returned (weights still mapped "
-                     f"from the files) | {f['seconds_total']:.2f} | "
-                     f"{f['peak_above_empty'] / gib:.2f} GiB | {f['peak_over_layer_bytes']:.2f} | - |")
-        lines.append(f"| same, once every weight has been read (what moving the model to a device or running it "
-                     f"does) | {f['seconds_total'] + f['seconds_touch_all']:.2f} | "
-                     f"{f['touched_peak_above_empty'] / gib:.2f} GiB | {f['touched_peak_over_layer_bytes']:.2f} | - |")
-        if s["preset"] == "llama-8b":
-            lines.append(f"| (the real 32-layer model holds {(2 * 128256 * 4096 * 2 + 32 * s['layer_bytes']) / gib:.1f} "
-                         "GiB: the whole-model load grows with it, the single-layer build does not) | | | | |")
+        lines += _full_rows(s)
     return "\n".join(lines) + "\n"
+
+
+def _single_row(s: dict) -> str:
+    single, targets = s["single"], s["targets"]
+    met = single["peak_over_layer_bytes"] < targets["peak_over_layer_bytes"] \
+        and single["median_seconds"] < targets["seconds"]
+    return (f"| nnunetv2_llm: read layer k once (make_spec_and_layer) + build the block from it | "
+            f"{single['median_seconds']:.2f} (spec {single['median_seconds_spec']:.2f} + build "
+            f"{single['median_seconds_build']:.2f}) | {single['median_peak_above_empty'] / GIB:.2f} GiB | "
+            f"{single['peak_over_layer_bytes']:.2f} | < {targets['peak_over_layer_bytes']} and "
+            f"< {targets['seconds']:.0f} s: {'met' if met else 'MISSED'} |")
+
+
+def _full_rows(s: dict) -> list[str]:
+    f = s["full"]
+    rows = [f"| transformers from_pretrained (whole {s['layers_in_checkpoint']}-layer model, "
+            f"{f['model_bytes'] / GIB:.2f} GiB), keep one layer: as returned (weights still mapped "
+            f"from the files) | {f['seconds_total']:.2f} | "
+            f"{f['peak_above_empty'] / GIB:.2f} GiB | {f['peak_over_layer_bytes']:.2f} | - |",
+            f"| same, once every weight has been read (what moving the model to a device or running it "
+            f"does) | {f['seconds_total'] + f['seconds_touch_all']:.2f} | "
+            f"{f['touched_peak_above_empty'] / GIB:.2f} GiB | {f['touched_peak_over_layer_bytes']:.2f} | - |"]
+    if s["preset"] == "llama-8b":
+        real_bytes = 2 * 128256 * 4096 * 2 + 32 * s["layer_bytes"]  # embeddings + head, 32 layers
+        rows.append(f"| (the real 32-layer model holds {real_bytes / GIB:.1f} "
+                    "GiB: the whole-model load grows with it, the single-layer build does not) | | | | |")
+    return rows
 
 
 if __name__ == "__main__":

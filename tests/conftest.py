@@ -60,15 +60,3 @@ def save_bfloat16_model(folder: Path) -> Path:
 def tiny_llama(tmp_path_factory) -> Path:
     """A 3-layer Llama with hidden size 64, saved in several safetensors shards with an index json."""
     return save_tiny_model(tmp_path_factory.mktemp("tiny_llama"), "llama", shard_size="100KB")
-
-
-@pytest.fixture
-def two_threads():
-    """Two torch threads for the test (restored after): CPU inference switches threads inside the block
-    (``cpu_threads``) only when more than one is set."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)

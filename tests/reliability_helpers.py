@@ -105,7 +105,7 @@ def fold_dir(env: dict[str, str], trainer: str, fold: str = "0") -> Path:
 
 def loaded_fingerprints(output: str) -> dict[str, str]:
     """The checksums the trainer logs after loading a checkpoint (``nnunetv2_llm: loaded ...: k=v ...``)."""
-    from nnunetv2_llm.trainers.reliability import parse_fingerprints
+    from nnunetv2_llm.trainers.reliability.fingerprints import parse_fingerprints
 
     match = re.search(r"nnunetv2_llm: loaded (\S+) \(epoch counter (\d+)\): (.*)", output)
     assert match, f"no 'loaded' line in the output:\n{output[-3000:]}"

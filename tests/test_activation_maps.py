@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from nnunetv2_llm.tools.activation_maps import (
-    bottleneck_of, choose_window, compute_activation_maps, load_predictor, pad_to, plot_activation_maps,
-    to_preprocessed_index,
-)
 from nnunetv2_llm.cli import main as cli_main
 from nnunetv2_llm.common.errors import LLMSettingError
 from nnunetv2_llm.common.nnunet_commands import FIXTURE
+from nnunetv2_llm.tools.activation_maps.compute import (
+    bottleneck_of, choose_window, compute_activation_maps, load_predictor, pad_to, to_preprocessed_index,
+)
+from nnunetv2_llm.tools.activation_maps.figure import plot_activation_maps
 
 IMAGE = FIXTURE / "imagesTr" / "hippocampus_001.nii.gz"  # array (35, 51, 35), 1 mm voxels
 FEATURES = [4, 8, 16]
@@ -71,7 +71,7 @@ def make_model_folder(root: Path, llm: Path, configuration_name: str = "3d_fullr
     fold_0/checkpoint_final.pth holding the weights nnU-Net's predictor reads."""
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from nnunetv2_llm.model.spec import make_spec
+    from nnunetv2_llm.model.spec import LLMChoice, make_spec
     from nnunetv2_llm.trainers.llm_trainer import nnUNetTrainerLLM
 
     folder = root / "Dataset004_Hippocampus" / f"nnUNetTrainerLLM__nnUNetPlans__{configuration_name}"
@@ -86,7 +86,7 @@ def make_model_folder(root: Path, llm: Path, configuration_name: str = "3d_fullr
             "max": 1228.8, "mean": 390.4, "median": 381.4, "min": 17.9, "percentile_00_5": 39.0,
             "percentile_99_5": 914.9, "std": 169.3}},
     }
-    make_spec("pretrained", source=str(llm), layer=-1, rank=8).to_plans(plans)
+    make_spec(LLMChoice("pretrained", source=str(llm), layer=-1, rank=8)).to_plans(plans)
     dataset_json = {"labels": {"background": 0, "Anterior": 1, "Posterior": 2}, "channel_names": {"0": "MRI"},
                     "numTraining": 3, "file_ending": ".nii.gz", "name": "Hippocampus"}
     (folder / "plans.json").write_text(json.dumps(plans, indent=1))

@@ -23,7 +23,7 @@ from reliability_helpers import (  # noqa: F401 (workdir is a fixture)
 
 from nnunetv2_llm import cli
 from nnunetv2_llm.common.nnunet_commands import FIXTURE
-from nnunetv2_llm.model.spec import PLANS_KEY, make_spec
+from nnunetv2_llm.model.spec import PLANS_KEY, LLMChoice, make_spec
 
 LLM_ENV = ("nnUNet_LLM_SOURCE", "nnUNet_LLM_LAYER", "nnUNet_LLM_ALLOW_PICKLE")
 
@@ -170,7 +170,7 @@ def test_truncated_and_corrupted_safetensors(capsys, tmp_path, single_file_llama
     save_file(tensors, nan_model / "model.safetensors", metadata={"format": "pt"})
     line = cli_error(capsys, "info", "--llm-source", str(nan_model), "--llm-layer", "2")
     assert "holds NaN/Inf values in 'mlp.down_proj.weight'" in line and "corrupt" in line
-    assert make_spec("pretrained", source=str(nan_model), layer=1).layer == 1  # other layers are fine
+    assert make_spec(LLMChoice("pretrained", source=str(nan_model), layer=1)).layer == 1  # other layers are fine
 
 
 def test_sharded_index_pointing_to_a_missing_shard(capsys, tmp_path, tiny_llama):
@@ -184,7 +184,7 @@ def test_sharded_index_pointing_to_a_missing_shard(capsys, tmp_path, tiny_llama)
 
 def test_gguf_unsupported_architecture_and_quantisation(capsys, tmp_path):
     good = write_tiny_gguf(tmp_path / "tiny.gguf")
-    assert make_spec("pretrained", source=str(good), layer=1).width == 64  # the writer makes valid files
+    assert make_spec(LLMChoice("pretrained", source=str(good), layer=1)).width == 64  # the writer makes valid files
     line = cli_error(capsys, "info", "--llm-source", str(write_tiny_gguf(tmp_path / "rwkv.gguf", arch="rwkv6")))
     assert "GGUF architecture 'rwkv6'" in line and "not supported" in line
     q8k = write_tiny_gguf(tmp_path / "q8k.gguf", layer_type="Q8_K")
@@ -228,7 +228,7 @@ def test_nnunetv2_train_refuses_a_model_folder_of_another_llm(workdir, tmp_path,
     model_folder.mkdir(parents=True)
     plans = json.loads((Path(workdir["nnUNet_preprocessed"]) / "Dataset004_Hippocampus" / "nnUNetPlans.json")
                        .read_text())
-    make_spec("pretrained", source=str(single_file_llama), layer=1).to_plans(plans)
+    make_spec(LLMChoice("pretrained", source=str(single_file_llama), layer=1)).to_plans(plans)
     (model_folder / "plans.json").write_text(json.dumps(plans, default=str))
 
     narrow = save_tiny_model(tmp_path / "narrow", "llama", hidden_size=32, num_attention_heads=2)
@@ -366,7 +366,7 @@ def test_predict_checks_the_model_folder(capsys, tmp_path, image_folder, monkeyp
     (model / "fold_0").mkdir(parents=True)
     monkeypatch.setenv("nnUNet_results", str(results))
     plans = {"plans_name": "nnUNetPlans"}
-    spec = make_spec("pretrained", source=str(tiny_llama), layer=1)
+    spec = make_spec(LLMChoice("pretrained", source=str(tiny_llama), layer=1))
     spec.to_plans(plans)
     (model / "plans.json").write_text(json.dumps(plans, default=str))
     (model / "dataset.json").write_text(json.dumps({"channel_names": {"0": "MRI"}, "file_ending": ".nii.gz"}))
@@ -388,7 +388,7 @@ def test_predict_checks_the_model_folder(capsys, tmp_path, image_folder, monkeyp
 
 def test_plans_block_written_by_to_plans_reads_back(tiny_llama):
     plans: dict = {}
-    spec = make_spec("pretrained", source=str(tiny_llama), layer=1)
+    spec = make_spec(LLMChoice("pretrained", source=str(tiny_llama), layer=1))
     spec.to_plans(plans)
     again = json.loads(json.dumps(plans, default=str))[PLANS_KEY]
     from nnunetv2_llm.model.spec import BottleneckSpec

@@ -71,8 +71,9 @@ def make_tiny_preprocessed(root: Path, n_cases: int = 5) -> Path:
         seg[0, 5:12, 4:10, 6:14] = 1
         seg[0, 12:16, 8:14, 3:9] = 2
         locations = {label: np.argwhere(seg == label).astype(np.int64) for label in (1, 2)}
-        properties = {"spacing": [1.0] * 3, "shape_before_cropping": shape, "shape_after_cropping_and_before_resampling":
-                      shape, "bbox_used_for_cropping": [[0, s] for s in shape], "class_locations": locations}
+        properties = {"spacing": [1.0] * 3, "shape_before_cropping": shape,
+                      "shape_after_cropping_and_before_resampling": shape,
+                      "bbox_used_for_cropping": [[0, s] for s in shape], "class_locations": locations}
         nnUNetDatasetNumpy.save_case(data, seg, properties, str(folder / f"case_{i:03d}"))
     with open(folder / "case_000.pkl", "rb") as f:
         assert "class_locations" in pickle.load(f)
@@ -146,7 +147,7 @@ def test_ratios_are_quotients_of_the_reported_medians(benchmark_run):
     rows = results["results"]
     base = rows["nnUNetTrainer"]
     assert base["step_ratio"] == pytest.approx(1.0) and base["inference_ratio"] == pytest.approx(1.0)
-    for name, row in rows.items():
+    for row in rows.values():
         assert row["step_s"]["n"] == 2 and row["inference_s"]["n"] == 1
         assert row["step_s"]["median"] == pytest.approx(float(np.median(row["step_times_s"])))
         assert row["inference_s"]["median"] == pytest.approx(float(np.median(row["inference_times_s"])))
@@ -162,7 +163,7 @@ def test_parameter_counts_match_the_networks(benchmark_run):
     import torch
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
-    from nnunetv2_llm.model.spec import make_spec
+    from nnunetv2_llm.model.spec import LLMChoice, make_spec
 
     rows = benchmark_run[0]["results"]
     torch.manual_seed(0)
@@ -173,7 +174,7 @@ def test_parameter_counts_match_the_networks(benchmark_run):
     assert rows["nnUNetTrainer"]["params"]["frozen"] == 0
 
     source = rows["nnUNetTrainerLLM"]["llm"]["source"]
-    spec = make_spec("pretrained", source)
+    spec = make_spec(LLMChoice("pretrained", source))
     layer = synthetic_llm.layer_shapes(synthetic_llm.PRESETS["tiny-llama"])
     layer_numel = sum(int(np.prod(s)) for s in layer.values())
     width, channels, rank = spec.width, ARCH_KWARGS["features_per_stage"][-1], spec.rank
@@ -218,19 +219,21 @@ def test_flops_and_memory_are_consistent(benchmark_run):
 
 
 def test_verdicts_follow_the_confidence_interval():
-    from nnunetv2_llm.tools.benchmark import _verdict
+    from nnunetv2_llm.tools.benchmark.timing import verdict
 
     def paired(low, high):
         return {"median": (low + high) / 2, "ci95": [low, high]}
 
-    assert _verdict(1.03, paired(1.01, 1.04), 1.05).endswith(" ok")
-    assert _verdict(1.07, paired(1.06, 1.09), 1.05).endswith(" OVER")
-    assert _verdict(1.03, paired(1.02, 1.08), 1.05).endswith(" undecided")  # the ratio alone would say ok
-    assert _verdict(1.06, {"median": 1.06, "ci95": None}, 1.05) == "1.060 OVER (too few rounds for a CI)"
+    assert verdict(1.03, paired(1.01, 1.04), 1.05).endswith(" ok")
+    assert verdict(1.07, paired(1.06, 1.09), 1.05).endswith(" OVER")
+    assert verdict(1.03, paired(1.02, 1.08), 1.05).endswith(" undecided")  # the ratio alone would say ok
+    assert verdict(1.06, {"median": 1.06, "ci95": None}, 1.05) == "1.060 OVER (too few rounds for a CI)"
 
 
 def test_synthetic_checkpoint_is_sharded_and_readable(tmp_path):
-    from nnunetv2_llm.llm.source import layer_blueprint, load_config, read_layer_state_dict
+    from nnunetv2_llm.llm.blueprint import layer_blueprint
+    from nnunetv2_llm.llm.config import load_config
+    from nnunetv2_llm.llm.layer import read_layer_state_dict
 
     folder = synthetic_llm.write_synthetic_checkpoint(tmp_path / "m", "tiny-llama", shard_bytes=30_000)
     index = json.loads((folder / "model.safetensors.index.json").read_text())

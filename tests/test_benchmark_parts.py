@@ -1,5 +1,6 @@
 """Pieces of ``nnunetv2_llm benchmark`` checked without running it: the analytic attention FLOPs of each layer
-family, synthetic targets for region-based datasets, and the refusal to overwrite an earlier report."""
+family, synthetic targets for region-based datasets, the refusal to overwrite an earlier report, and the
+fresh-process measurement protocol."""
 
 from __future__ import annotations
 
@@ -7,19 +8,22 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from conftest import save_tiny_model
-from nnunetv2_llm.tools.benchmark import attention_training_flops, synthetic_batch
+
 from nnunetv2_llm.common.errors import LLMSettingError
+from nnunetv2_llm.common.outputs import check_report_free, write_json_and_markdown
 from nnunetv2_llm.model.network import build_mixer
-from nnunetv2_llm.common.report_files import check_report_free, write_json_and_markdown
-from nnunetv2_llm.model.spec import make_spec
+from nnunetv2_llm.model.spec import LLMChoice, make_spec
+from nnunetv2_llm.tools.benchmark.flops import attention_training_flops
+from nnunetv2_llm.tools.benchmark.measurement import MeasurementFailed, run_measurement
+from nnunetv2_llm.tools.benchmark.trainers import synthetic_batch
 
 
 @pytest.mark.parametrize("model_type", ["llama", "bert"])
 def test_attention_flops_are_counted_for_every_family(tmp_path, model_type):
     """Forward QK^T and AV, 2 x 2 B N^2 H d, and twice that for the input gradients; 4 heads of 16 here."""
-    mixer = build_mixer(make_spec("pretrained", source=str(save_tiny_model(tmp_path, model_type)), layer=0, rank=4))
+    choice = LLMChoice("pretrained", source=str(save_tiny_model(tmp_path, model_type)), layer=0, rank=4)
+    mixer = build_mixer(make_spec(choice))
     assert attention_training_flops(mixer, batch=2, tokens=10) == 3 * 4 * 2 * 10 ** 2 * 4 * 16
     assert attention_training_flops(torch.nn.Identity(), batch=2, tokens=10) == 0  # the no-LLM control
 
@@ -57,3 +61,18 @@ def test_an_earlier_report_is_kept_unless_overwrite(tmp_path):
     check_report_free(tmp_path, "benchmark", overwrite=True)
     check_report_free(tmp_path / "new", "benchmark", overwrite=False)
     assert not list(tmp_path.glob("*.tmp-*"))  # written through temporaries, none left
+
+
+CHILD = ("import json, sys; from nnunetv2_llm.tools.benchmark.measurement import report_measurement; "
+         "print('noise'); request = json.loads(sys.argv[1]); report_measurement({'twice': 2 * request['n']}); "
+         "sys.exit(request.get('exit', 0))")
+
+
+def test_a_measurement_in_a_fresh_process_returns_what_the_child_reported():
+    assert run_measurement(["-c", CHILD], {"n": 21}) == {"twice": 42}
+    with pytest.raises(MeasurementFailed) as failed:  # a result line does not hide a failing exit
+        run_measurement(["-c", CHILD], {"n": 1, "exit": 3})
+    assert failed.value.returncode == 3 and "noise" in failed.value.stdout
+    with pytest.raises(MeasurementFailed) as failed:  # no result line
+        run_measurement(["-c", "import sys; sys.stderr.write('broken')"], {})
+    assert failed.value.returncode == 0 and failed.value.stderr == "broken"

@@ -5,19 +5,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from reliability_helpers import make_trainer, random_batch, workdir  # noqa: F401 (workdir is a fixture)
-
-from nnunetv2_llm.llm.source import layer_blueprint, read_layer_state_dict
-from nnunetv2_llm.model.network import build_llm_unet
-from nnunetv2_llm.model.spec import FROZEN_PREFIX, BottleneckSpec, frozen_layer_sha256, make_spec
 from test_network import tiny_unet
+
+from nnunetv2_llm.llm.blueprint import layer_blueprint
+from nnunetv2_llm.llm.layer import read_layer_state_dict
+from nnunetv2_llm.model.network import build_llm_unet
+from nnunetv2_llm.model.spec import FROZEN_PREFIX, BottleneckSpec, LLMChoice, frozen_layer_sha256, make_spec
 
 
 def test_a_float32_source_is_rounded_once_and_checksummed_as_built(tiny_llama):
-    spec = make_spec("pretrained", source=str(tiny_llama), layer=1, rank=4, dtype="bfloat16")
+    spec = make_spec(LLMChoice("pretrained", source=str(tiny_llama), layer=1, rank=4, dtype="bfloat16"))
     assert spec.dtype == "bfloat16"
-    assert make_spec("pretrained", source=str(tiny_llama), layer=1, rank=4).dtype == "float32"
+    assert make_spec(LLMChoice("pretrained", source=str(tiny_llama), layer=1, rank=4)).dtype == "float32"
     net = build_llm_unet(spec, tiny_unet(3))
     assert {p.dtype for p in net.bottleneck.mixer.parameters()} == {torch.bfloat16}
     assert {p.dtype for n, p in net.named_parameters() if p.requires_grad} == {torch.float32}  # projections
@@ -32,14 +32,14 @@ def test_a_float32_source_is_rounded_once_and_checksummed_as_built(tiny_llama):
 
 
 def test_the_random_control_is_built_in_bfloat16(tiny_llama):
-    spec = make_spec("random", source=str(tiny_llama), layer=1, rank=4, dtype="bfloat16")
+    spec = make_spec(LLMChoice("random", source=str(tiny_llama), layer=1, rank=4, dtype="bfloat16"))
     net = build_llm_unet(spec, tiny_unet(3))
     assert {p.dtype for p in net.bottleneck.mixer.parameters()} == {torch.bfloat16}
 
 
 def test_the_predictors_build_takes_the_checkpoints_bfloat16_weights(tiny_llama):
     """nnU-Net's predictor rebuilds the network from plans.json alone, then loads the checkpoint's weights."""
-    spec = make_spec("pretrained", source=str(tiny_llama), layer=1, rank=4, dtype="bfloat16")
+    spec = make_spec(LLMChoice("pretrained", source=str(tiny_llama), layer=1, rank=4, dtype="bfloat16"))
     trained = build_llm_unet(spec, tiny_unet(3))
     plans = {}
     spec.to_plans(plans)
@@ -50,7 +50,7 @@ def test_the_predictors_build_takes_the_checkpoints_bfloat16_weights(tiny_llama)
 
 def test_an_unknown_dtype_is_refused(tiny_llama):
     with pytest.raises(ValueError, match="dtype"):
-        make_spec("pretrained", source=str(tiny_llama), layer=1, dtype="float16")
+        make_spec(LLMChoice("pretrained", source=str(tiny_llama), layer=1, dtype="float16"))
 
 
 @pytest.mark.parametrize("name,mixer", [("nnUNetTrainerLLM_bf16", "pretrained"),

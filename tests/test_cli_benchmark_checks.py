@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from test_bad_inputs import cli_error
 from test_benchmark import DATASET, make_tiny_preprocessed
 from test_cli_errors import Reached, must_not_run, reached, restored_environ  # noqa: F401 (a fixture)
 
-from nnunetv2_llm.tools import benchmark
 from nnunetv2_llm import cli
 from nnunetv2_llm.llm import synthetic as synthetic_llm
+from nnunetv2_llm.tools import benchmark
 
 
 @pytest.fixture

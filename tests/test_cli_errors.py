@@ -12,7 +12,7 @@ from conftest import save_tiny_model
 from test_bad_inputs import cli_error
 from test_benchmark import DATASET, make_tiny_preprocessed
 
-from nnunetv2_llm.tools import activation_maps
+from nnunetv2_llm.tools.activation_maps import cli as activation_maps
 from nnunetv2_llm.tools import benchmark
 from nnunetv2_llm import cli
 from nnunetv2_llm.evaluation import head_to_head

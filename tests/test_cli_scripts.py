@@ -1,5 +1,6 @@
-"""The scripts: ``install.sh`` installs once and hooks ``activate`` without running Python there;
-``benchmark_layer_loading.py`` refuses bad options in one line naming its own options."""
+"""The scripts: ``install.sh`` installs once and leaves the venv's ``activate`` alone (``nnunetv2_llm info
+--exports`` sets the shell up); ``benchmark_layer_loading.py`` refuses bad options in one line naming its own
+options."""
 
 from __future__ import annotations
 
@@ -11,25 +12,26 @@ from pathlib import Path
 
 import pytest
 
+from nnunetv2_llm.common.environment import TRAINER_LOOKUP_DIR
 from nnunetv2_llm.llm import synthetic as synthetic_llm
 
 REPO = Path(__file__).resolve().parents[1]
 LAYER_LOADING = REPO / "scripts" / "benchmark_layer_loading.py"
 FAKE_COMMAND = '#!/bin/sh\necho "$(basename "$0") $*" >> "$(dirname "$0")/../calls.log"\n'
+PIP_INSTALL = "python -m pip install -q -e .[test]"
 
 
 @pytest.fixture
 def fake_checkout(tmp_path) -> Path:
-    """install.sh and setup.py in a folder whose .venv logs every python / nnunetv2_llm call instead of running it."""
-    activate = Path(sys.prefix) / "bin" / "activate"
-    if not activate.is_file():
-        pytest.skip("tests not run from a venv: no activate script to start from")
+    """install.sh and the build files in a folder whose .venv logs every python / nnunetv2_llm call instead of
+    running it."""
     root = tmp_path / "checkout with space"
     (root / "scripts").mkdir(parents=True)
     shutil.copy(REPO / "scripts" / "install.sh", root / "scripts")
-    shutil.copy(REPO / "setup.py", root)
+    for name in ("pyproject.toml", "setup.py"):
+        shutil.copy(REPO / name, root)
     (root / ".venv" / "bin").mkdir(parents=True)
-    (root / ".venv" / "bin" / "activate").write_text(activate.read_text().replace(sys.prefix, str(root / ".venv")))
+    (root / ".venv" / "bin" / "activate").write_text("# venv's own activate script\n")
     for name in ("python", "nnunetv2_llm"):
         (root / ".venv" / "bin" / name).write_text(FAKE_COMMAND)
         (root / ".venv" / "bin" / name).chmod(0o755)
@@ -45,32 +47,33 @@ def install(root: Path) -> tuple[str, list[str]]:
     return proc.stdout, log.read_text().splitlines() if log.exists() else []
 
 
-def test_install_runs_pip_once_until_setup_py_changes(fake_checkout):
-    _, calls = install(fake_checkout)
-    assert "python -m pip install -q -e .[test]" in calls
+@pytest.mark.parametrize("changed", ["pyproject.toml", "setup.py", "scripts/install.sh"])
+def test_install_runs_pip_once_until_a_build_file_changes(fake_checkout, changed):
+    out, calls = install(fake_checkout)
+    assert PIP_INSTALL in calls and "nnunetv2_llm info --exports" in calls
     assert not any("--upgrade pip" in c for c in calls)  # this pip is new enough
+    assert 'eval "$(nnunetv2_llm info --exports)"' in out
     out, calls = install(fake_checkout)
     assert calls == [] and out.startswith("already installed")
-    with (fake_checkout / "setup.py").open("a") as f:
+    with (fake_checkout / changed).open("a") as f:
         f.write("# changed\n")
     _, calls = install(fake_checkout)
-    assert "python -m pip install -q -e .[test]" in calls
-    assert (fake_checkout / ".venv" / "bin" / "activate").read_text().count(">>> nnunetv2_llm") == 2  # not repeated
+    assert PIP_INSTALL in calls
+    assert (fake_checkout / ".venv" / "bin" / "activate").read_text() == "# venv's own activate script\n"
 
 
-def test_activate_sets_the_variables_without_python_and_deactivate_restores_them(fake_checkout):
-    install(fake_checkout)
-    (fake_checkout / ".venv" / "calls.log").unlink()
-    trainers = fake_checkout / "trainers"
-    script = ('unset nnUNet_extTrainer OMP_WAIT_POLICY; source .venv/bin/activate; echo "$nnUNet_extTrainer|$OMP_WAIT_POLICY";'
-              ' deactivate; echo "${nnUNet_extTrainer-unset}|${OMP_WAIT_POLICY-unset}";'
-              ' export nnUNet_extTrainer=/mine OMP_WAIT_POLICY=ACTIVE; source .venv/bin/activate;'
-              ' source .venv/bin/activate; echo "$nnUNet_extTrainer|$OMP_WAIT_POLICY";'
-              ' deactivate; echo "$nnUNet_extTrainer|$OMP_WAIT_POLICY"')
-    proc = subprocess.run(["bash", "-c", script], cwd=fake_checkout, capture_output=True, text=True, timeout=60)
-    assert proc.stdout.splitlines() == [f"{trainers}|PASSIVE", "unset|unset", f"/mine:{trainers}|ACTIVE",
-                                        "/mine|ACTIVE"], proc.stderr
-    assert not (fake_checkout / ".venv" / "calls.log").exists()  # no Python at activation
+def test_the_exports_let_a_shell_find_the_trainers_and_keep_what_is_set():
+    """What the README tells a shell to run: nnUNet_extTrainer gets the package's lookup folder (added once to a
+    value already set), OMP_WAIT_POLICY defaults to PASSIVE."""
+    exports = f'eval "$({sys.executable} -m nnunetv2_llm.cli info --exports)"'
+    script = (f'unset nnUNet_extTrainer OMP_WAIT_POLICY; {exports}; echo "$nnUNet_extTrainer|$OMP_WAIT_POLICY";'
+              f' export nnUNet_extTrainer=/mine OMP_WAIT_POLICY=ACTIVE; {exports}; {exports};'
+              ' echo "$nnUNet_extTrainer|$OMP_WAIT_POLICY"')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("nnUNet_")}
+    proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.stdout.splitlines() == [f"{TRAINER_LOOKUP_DIR}|PASSIVE", f"/mine:{TRAINER_LOOKUP_DIR}|ACTIVE"], \
+        proc.stderr
+    assert (TRAINER_LOOKUP_DIR / "nnunetv2_llm_trainers.py").is_file()
 
 
 def layer_loading(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:

@@ -8,16 +8,18 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from test_benchmark import DATASET, make_tiny_preprocessed
 from test_cli_errors import Reached, must_not_run, reached
 
-from nnunetv2_llm.tools import demo
 from nnunetv2_llm.common import nnunet_commands
 from nnunetv2_llm.common.errors import LLMSettingError
 from nnunetv2_llm.common.nnunet_commands import (
-    check_training_request, dataset_folder, ensure_preprocessed, is_preprocessed,
+    check_training_request,
+    dataset_folder,
+    ensure_preprocessed,
+    is_preprocessed,
 )
+from nnunetv2_llm.tools import demo
 
 DATASET_ID = 990
 

@@ -13,16 +13,11 @@ import SimpleITK as sitk
 import torch
 from scipy import stats
 
-from nnunetv2_llm.evaluation.compare import (
-    CSV_COLUMNS,
-    CompareError,
-    _Case,
-    _evaluate_case,
-    add_arguments,
-    compare,
-    main,
-    training_curves,
-)
+from nnunetv2_llm.evaluation.compare.cases import CSV_COLUMNS, Case, evaluate_case
+from nnunetv2_llm.evaluation.compare.checks import CompareError
+from nnunetv2_llm.evaluation.compare.cli import add_arguments, main
+from nnunetv2_llm.evaluation.compare.curves import training_curves
+from nnunetv2_llm.evaluation.compare.run import compare
 
 DATASET = "Dataset004_Hippocampus"
 REF, LLM = "nnUNetTrainer", "nnUNetTrainerLLM"
@@ -32,13 +27,14 @@ SHAPE_ZYX = (10, 12, 12)
 DIAGONAL_MM = math.sqrt((10 * 2.0) ** 2 + 2 * (12 * 0.8) ** 2)
 DATASET_JSON = {"labels": {"background": 0, "Anterior": 1, "Posterior": 2}, "file_ending": ".nii.gz",
                 "channel_names": {"0": "MRI"}, "numTraining": 5}
-LOG = """2025-01-01 10:00:00.000000: Epoch {e} 
-2025-01-01 10:00:00.000000: Current learning rate: 0.01 
-2025-01-01 10:00:01.000000: train_loss {tr} 
-2025-01-01 10:00:01.000000: val_loss {va} 
-2025-01-01 10:00:01.000000: Pseudo dice [np.float32({d1}), np.float32({d2})] 
-2025-01-01 10:00:01.000000: Epoch time: 1.0 s 
-"""
+LOG = "".join(f"{line} \n" for line in (  # nnU-Net ends each log line with a space
+    "2025-01-01 10:00:00.000000: Epoch {e}",
+    "2025-01-01 10:00:00.000000: Current learning rate: 0.01",
+    "2025-01-01 10:00:01.000000: train_loss {tr}",
+    "2025-01-01 10:00:01.000000: val_loss {va}",
+    "2025-01-01 10:00:01.000000: Pseudo dice [np.float32({d1}), np.float32({d2})]",
+    "2025-01-01 10:00:01.000000: Epoch time: 1.0 s",
+))
 
 
 def ground_truth() -> np.ndarray:
@@ -83,7 +79,8 @@ def layout(tmp_path_factory) -> dict[str, Path]:
                 write(tdir / f"fold_{fold}" / "validation" / f"{case}.nii.gz", pred)
     logging = {"train_losses": [0.5, 0.3, 0.1], "val_losses": [0.6, 0.4, 0.3], "mean_fg_dice": [0.2, 0.5, 0.7],
                "ema_fg_dice": [0.2, 0.23, 0.277]}
-    torch.save({"network_weights": {}, "logging": logging}, results / f"{REF}__nnUNetPlans__3d_fullres" / "fold_0" / "checkpoint_final.pth")
+    torch.save({"network_weights": {}, "logging": logging},
+               results / f"{REF}__nnUNetPlans__3d_fullres" / "fold_0" / "checkpoint_final.pth")
     (results / f"{LLM}__nnUNetPlans__3d_fullres" / "fold_0" / "training_log_2025_1_1_10_00_00.txt").write_text(
         LOG.format(e=0, tr=0.4, va=0.5, d1=0.6, d2=0.8) + LOG.format(e=1, tr=0.2, va=0.3, d1=0.7, d2=0.9)
     )
@@ -212,7 +209,7 @@ def test_ignore_label_voxels_do_not_count(tmp_path):
     write(tmp_path / "pred.nii.gz", pred)
     from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
 
-    (row,) = _evaluate_case(_Case(LLM, 0, "c", tmp_path / "pred.nii.gz", tmp_path / "gt.nii.gz", [1], 3, 1.0,
+    (row,) = evaluate_case(Case(LLM, 0, "c", tmp_path / "pred.nii.gz", tmp_path / "gt.nii.gz", [1], 3, 1.0,
                                   SimpleITKIO, "", ""))
     assert (row["dice"], row["nsd"], row["hd95"]) == (1.0, 1.0, 0.0)
 
@@ -277,7 +274,7 @@ def test_unwritable_output_folder_is_one_line_exit_2(layout, tmp_path, monkeypat
 
 
 def test_dataset_json_without_labels_is_one_clear_error():
-    from nnunetv2_llm.evaluation.compare import CompareError, _labels
+    from nnunetv2_llm.evaluation.compare.discover import _labels
 
     with pytest.raises(CompareError, match="no 'labels' mapping"):
         _labels({"channel_names": {"0": "MRI"}})

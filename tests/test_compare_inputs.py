@@ -13,8 +13,11 @@ import tifffile
 import torch
 from test_compare import DATASET, DATASET_JSON, LLM, LOG, REF, ground_truth, llm_prediction, write
 
-from nnunetv2_llm import compare as compare_module
-from nnunetv2_llm.evaluation.compare import CompareError, _parse_tolerance, check_comparable, compare, training_curves
+from nnunetv2_llm.evaluation.compare import run as run_module
+from nnunetv2_llm.evaluation.compare.checks import CompareError, check_comparable
+from nnunetv2_llm.evaluation.compare.cli import parse_tolerance
+from nnunetv2_llm.evaluation.compare.curves import training_curves
+from nnunetv2_llm.evaluation.compare.run import compare
 
 CASES = ["hippocampus_001", "hippocampus_002", "hippocampus_003"]
 PLANS_BLOCK = {"mixer": "pretrained", "source": "/models/smollm2.gguf", "source_format": "gguf", "layer": 29,
@@ -157,13 +160,13 @@ def test_tif_datasets_take_the_spacing_from_nnunets_sidecar_json(tmp_path):
 ])
 def test_bad_nsd_tolerances_are_refused(full, values, problem):
     with pytest.raises(CompareError, match=problem):
-        run(full, nsd_tolerance_mm=_parse_tolerance(values))
+        run(full, nsd_tolerance_mm=parse_tolerance(values))
     assert not (full / "out").exists()
 
 
 def test_a_label_given_twice_is_refused():
     with pytest.raises(CompareError, match="label 1 is given twice"):
-        _parse_tolerance(["1=2", "2=1", "1=3"])
+        parse_tolerance(["1=2", "2=1", "1=3"])
 
 
 def test_duplicate_folds_and_trainers_are_refused():
@@ -203,7 +206,7 @@ def test_a_failure_leaves_the_previous_report_untouched(full, monkeypatch):
     def fail(*args):
         raise OSError("disk full")
 
-    monkeypatch.setattr(compare_module, "_plot_curves", fail)
+    monkeypatch.setattr(run_module, "plot_curves", fail)
     with pytest.raises(OSError, match="disk full"):
         run(full, overwrite=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
@@ -232,6 +235,13 @@ def test_the_report_shows_each_trainers_llm_settings_and_epochs(full):
     assert text.index(warning) < text.index("## Cases excluded")
 
 
+@pytest.mark.parametrize("plans,cell", [("{not json", "unreadable plans.json"),
+                                        ('{"nnunetv2_llm": {"layer": 1}}', "malformed `nnunetv2_llm`")])
+def test_a_plans_json_that_cannot_tell_is_named_in_the_settings_table(full, plans, cell):
+    (trainer_dir(full, LLM) / "plans.json").write_text(plans)
+    assert f"| {LLM} | {cell} | ? | ? | ? | ? |" in run(full).read_text()
+
+
 def test_equal_budgets_give_no_warning(full):
     text = run(full).read_text()
     assert "unequal training budgets" not in text
@@ -256,7 +266,7 @@ def test_epochs_are_listed_per_fold_when_they_differ(tmp_path):
 
 def test_single_slice_cases_are_measured_in_2d(tmp_path):
     """2D data (1xHxW volumes): surface distances in the image plane, not over a fake third axis."""
-    from nnunetv2_llm.evaluation.metrics import binary_metrics
+    from nnunetv2_llm.evaluation.metrics.per_case import binary_metrics
 
     root = make_layout(tmp_path, {REF: [], LLM: []})
     ref2d, pred2d = np.zeros((1, 12, 12), np.uint8), np.zeros((1, 12, 12), np.uint8)  # spacing 2 mm on the z axis

@@ -5,15 +5,21 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import asdict
 
 import pandas as pd
 import pytest
+import test_cli_errors
 from test_bad_inputs import cli_error
-from test_cli_errors import Reached, must_not_run, nnunet_folders, reached, three_layer_llama  # noqa: F401 (fixtures)
+from test_cli_errors import Reached, must_not_run, reached
 
-from nnunetv2_llm.evaluation import head_to_head
-from nnunetv2_llm.evaluation import sweep_layers
-from nnunetv2_llm.evaluation.compare import CSV_COLUMNS
+from nnunetv2_llm.evaluation import head_to_head, sweep_layers
+from nnunetv2_llm.evaluation.compare.cases import CSV_COLUMNS
+from nnunetv2_llm.model.spec import LLMChoice, make_spec
+
+# fixtures of test_cli_errors (pytest finds a fixture by its name in the module)
+nnunet_folders = test_cli_errors.nnunet_folders
+three_layer_llama = test_cli_errors.three_layer_llama
 
 TRAINERS = ["nnUNetTrainer", "nnUNetTrainerLLM"]
 SWEEP_TRAINER = "nnUNetTrainerLLM_50epochs"
@@ -89,20 +95,30 @@ def test_sweep_refuses_a_layer_folder_trained_with_another_llm(capsys, nnunet_fo
     model = out / "layer_1" / "Dataset004_Hippocampus" / f"{SWEEP_TRAINER}__nnUNetPlans__3d_fullres"
     model.mkdir(parents=True)
     saved = {**saved, "source": saved["source"] or str(three_layer_llama)}
-    (model / "plans.json").write_text(json.dumps({"nnunetv2_llm": saved}))
+    block = {**asdict(make_spec(LLMChoice("random", source=str(three_layer_llama), layer=1))), **saved}
+    (model / "plans.json").write_text(json.dumps({"nnunetv2_llm": block}))
     line = cli_error(capsys, "sweep-layers", "-d", "4", "-tr", SWEEP_TRAINER, "--llm-source", str(three_layer_llama),
                      "--layers", "0", "1", "-o", str(out))
     assert f"{model} was trained with layer {saved['layer']} of {saved['source']}, not the requested layer 1" in line
     assert "Use another -o, or remove" in line and line.endswith("(fix: -o)")
 
 
-def test_sweep_accepts_a_layer_folder_trained_with_the_requested_llm(nnunet_folders, monkeypatch, three_layer_llama):
-    from nnunetv2_llm.model.spec import make_spec
-
-    spec = make_spec("random", source=str(three_layer_llama), layer=1)
+@pytest.mark.parametrize("plans", ['{"nnunetv2_llm": {"layer": 1}}', "{not json"])
+def test_sweep_refuses_a_layer_folder_whose_llm_cannot_be_read(capsys, nnunet_folders, no_training,
+                                                               three_layer_llama, plans):
     model = nnunet_folders / "out" / "layer_1" / "Dataset004_Hippocampus" / f"{SWEEP_TRAINER}__nnUNetPlans__3d_fullres"
     model.mkdir(parents=True)
-    (model / "plans.json").write_text(json.dumps({"nnunetv2_llm": {"layer": spec.layer, "source": spec.source}}))
+    (model / "plans.json").write_text(plans)
+    line = cli_error(capsys, "sweep-layers", "-d", "4", "-tr", SWEEP_TRAINER, "--llm-source", str(three_layer_llama),
+                     "--layers", "0", "1", "-o", str(nnunet_folders / "out"))
+    assert f"{model} was trained with layer ? of ?, not the requested layer 1" in line and line.endswith("(fix: -o)")
+
+
+def test_sweep_accepts_a_layer_folder_trained_with_the_requested_llm(nnunet_folders, monkeypatch, three_layer_llama):
+    spec = make_spec(LLMChoice("random", source=str(three_layer_llama), layer=1))
+    model = nnunet_folders / "out" / "layer_1" / "Dataset004_Hippocampus" / f"{SWEEP_TRAINER}__nnUNetPlans__3d_fullres"
+    model.mkdir(parents=True)
+    (model / "plans.json").write_text(json.dumps({"nnunetv2_llm": asdict(spec)}))
     monkeypatch.setattr(sweep_layers, "prepare_dataset", reached)
     with pytest.raises(Reached):
         sweep_layers.main(parse(sweep_layers, ["-d", "4", "-tr", SWEEP_TRAINER, "--llm-source", str(three_layer_llama),
@@ -126,7 +142,7 @@ def test_reference_lines_have_the_colour_of_their_class(tmp_path, monkeypatch):
                                       tmp_path / "dice_per_layer.png")
     legend = figures[0].axes[0].get_legend()
     colours = {text.get_text(): to_rgb(handle.get_color())
-               for text, handle in zip(legend.get_texts(), legend.legend_handles)}
+               for text, handle in zip(legend.get_texts(), legend.legend_handles, strict=True)}
     for name in ("Zeta", "Alpha"):
         assert colours[name] == colours[f"ref ({name})"], colours
     assert colours["Zeta"] != colours["Alpha"]

@@ -12,7 +12,7 @@ import torch
 
 from nnunetv2_llm.model.block import LLMBottleneckBlock
 from nnunetv2_llm.model.network import build_llm_unet, build_mixer
-from nnunetv2_llm.model.spec import make_spec
+from nnunetv2_llm.model.spec import LLMChoice, make_spec
 
 
 @pytest.fixture(scope="module")
@@ -27,12 +27,12 @@ def _spec(request, kind: str):
     source = str(request.getfixturevalue(f"tiny_{family}" if family != "identity" else "tiny_llama"))
     mixer = {"identity": "identity", "random": "random"}.get(family if family == "identity" else variant,
                                                               "pretrained")
-    return make_spec(mixer, source=source, layer=1, rank=4, lora_rank=4 if variant == "lora" else 0)
+    return make_spec(LLMChoice(mixer, source=source, layer=1, rank=4, lora_rank=4 if variant == "lora" else 0))
 
 
 @pytest.mark.parametrize("kind", ["llama", "llama-lora", "llama-random", "bert", "identity"])
 @pytest.mark.parametrize("grad", [True, False], ids=["training", "inference"])
-def test_block_traces_as_one_graph(request, kind, grad, two_threads):
+def test_block_traces_as_one_graph(request, kind, grad):
     torch.manual_seed(0)
     spec = _spec(request, kind)
     block = LLMBottleneckBlock(16, spec.width, spec.rank, build_mixer(spec)).train(grad)
@@ -52,9 +52,10 @@ def test_whole_network_traces_as_one_graph(tiny_llama):
     from test_network import tiny_unet
 
     torch.manual_seed(0)
-    net = build_llm_unet(make_spec("pretrained", source=str(tiny_llama), layer=1, rank=4), tiny_unet(3))
+    spec = make_spec(LLMChoice("pretrained", source=str(tiny_llama), layer=1, rank=4))
+    net = build_llm_unet(spec, tiny_unet(3))
     x = torch.randn(2, 1, 16, 16, 16)
     torch._dynamo.reset()
     outputs = torch.compile(net, backend="aot_eager", fullgraph=True)(x)
-    for got, want in zip(outputs, net(x)):
+    for got, want in zip(outputs, net(x), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

@@ -61,7 +61,7 @@ def _worker(rank: int, world: int, port: int, spec_json: str, out_dir: str) -> N
 
     from nnunetv2_llm.model.network import build_llm_unet
     from nnunetv2_llm.model.spec import BottleneckSpec, frozen_layer_sha256
-    from nnunetv2_llm.trainers.reliability import tree_sha256
+    from nnunetv2_llm.trainers.reliability.fingerprints import tree_sha256
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -116,9 +116,9 @@ def free_port() -> int:
 def test_frozen_layer_under_ddp_gloo(tiny_llama, tmp_path):
     import torch.multiprocessing as mp
 
-    from nnunetv2_llm.model.spec import make_spec
+    from nnunetv2_llm.model.spec import LLMChoice, make_spec
 
-    spec = make_spec("pretrained", source=str(tiny_llama), layer=1, rank=4, lora_rank=2)
+    spec = make_spec(LLMChoice("pretrained", source=str(tiny_llama), layer=1, rank=4, lora_rank=2))
     context = mp.start_processes(_worker, args=(2, free_port(), json.dumps(asdict(spec)), str(tmp_path)),
                                  nprocs=2, join=False, start_method="spawn")
     import time

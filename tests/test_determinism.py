@@ -15,10 +15,9 @@ from __future__ import annotations
 import signal
 
 import pytest
-
 from reliability_helpers import fold_dir, train, train_env, workdir  # noqa: F401 (workdir is a fixture)
 
-from nnunetv2_llm.trainers.reliability import load_checkpoint_file
+from nnunetv2_llm.trainers.reliability.checkpoint_io import load_checkpoint_file
 
 TRAINER = "nnUNetTrainerLLM_2epochs_2iters"
 RELATIVE_TOLERANCE = 1e-6

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-
 from conftest import save_tiny_model
+
 from nnunetv2_llm.common.nnunet_commands import dataset_folder, nnunet_command, run, trainer_fold_dir
 from nnunetv2_llm.model.spec import FROZEN_PREFIX, PLANS_KEY, BottleneckSpec, frozen_layer_sha256
 
@@ -94,14 +94,14 @@ def test_block_wraps_nnunets_planned_networks(nnunet_workdir, plans_name, config
     """The real plans nnU-Net made for the Hippocampus subset (default and ResEnc M preset), any configuration."""
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from nnunetv2_llm.model.spec import make_spec
+    from nnunetv2_llm.model.spec import LLMChoice, make_spec
     from nnunetv2_llm.trainers import nnUNetTrainerLLM
 
     preprocessed = dataset_folder(nnunet_workdir["nnUNet_preprocessed"], 4)
     if not (preprocessed / f"{plans_name}.json").is_file():  # planning only: no preprocessing needed
         run(["nnUNetv2_plan_experiment", "-d", "4", "-pl", "nnUNetPlannerResEncM"], nnunet_workdir)
     plans = json.loads((preprocessed / f"{plans_name}.json").read_text())
-    make_spec("identity", rank=8).to_plans(plans)
+    make_spec(LLMChoice("identity", rank=8)).to_plans(plans)
     manager = PlansManager(plans)
     config = manager.get_configuration(configuration)
     net = nnUNetTrainerLLM.build_network_architecture(manager, config, 1, 3, True)

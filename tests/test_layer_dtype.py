@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from nnunetv2_llm.model.frozen_layer import FrozenLLMLayer
-from nnunetv2_llm.llm.source import (
-    layer_blueprint, layer_storage_dtype, load_config, read_layer_state_dict, storage_dtype,
-)
-from nnunetv2_llm.model.spec import make_spec, make_spec_and_layer
 from conftest import save_tiny_model
+
+from nnunetv2_llm.llm.blueprint import layer_blueprint
+from nnunetv2_llm.llm.config import load_config
+from nnunetv2_llm.llm.layer import layer_storage_dtype, read_layer_state_dict, storage_dtype
+from nnunetv2_llm.model.frozen_layer import FrozenLLMLayer
+from nnunetv2_llm.model.spec import LLMChoice, make_spec, make_spec_and_layer
 
 
 def mixed_precision_model(folder: Path, sharded: bool) -> Path:
@@ -52,9 +52,10 @@ def test_float32_norms_do_not_upcast_a_bfloat16_layer(tmp_path, sharded):
 
     assert storage_dtype(state) == torch.bfloat16
     assert layer_storage_dtype(folder, config, 1, blueprint) == torch.bfloat16  # the header agrees with the read
-    spec, _ = make_spec_and_layer("pretrained", str(folder), 1)
+    spec, _ = make_spec_and_layer(LLMChoice("pretrained", str(folder), 1))
     assert spec.dtype == "bfloat16"
-    assert make_spec("random", str(folder), 1).dtype == make_spec("identity", str(folder), 1).dtype == "bfloat16"
+    controls = [make_spec(LLMChoice(mixer, str(folder), 1)).dtype for mixer in ("random", "identity")]
+    assert controls == ["bfloat16", "bfloat16"]
     layer = FrozenLLMLayer.from_state_dict(blueprint, config, 1, state, getattr(torch, spec.dtype))
     assert {p.dtype for p in layer.parameters()} == {torch.bfloat16}  # no float32 copy of the linears
     assert layer(torch.randn(1, 4, 64)).dtype == torch.bfloat16

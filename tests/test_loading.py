@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
-
+from conftest import save_bfloat16_model, save_tiny_model
 from reliability_helpers import make_trainer, workdir  # noqa: F401 (workdir is a fixture)
 
+from nnunetv2_llm.llm.blueprint import layer_blueprint
+from nnunetv2_llm.llm.config import load_config, resolve_layer_index
+from nnunetv2_llm.llm.layer import read_layer_state_dict
+from nnunetv2_llm.llm.source import default_source
 from nnunetv2_llm.model.frozen_layer import FrozenLLMLayer
-from nnunetv2_llm.llm.source import (
-    default_source, layer_blueprint, load_config, read_layer_state_dict, resolve_layer_index,
-)
-from nnunetv2_llm.model.spec import frozen_layer_sha256, make_spec
-from conftest import save_bfloat16_model, save_tiny_model
+from nnunetv2_llm.model.spec import LLMChoice, frozen_layer_sha256, make_spec
 
 
 def full_model_layer(folder: Path, index: int) -> dict[str, torch.Tensor]:
@@ -141,11 +141,30 @@ def test_each_decoder_family_runs_bidirectionally_with_rotary_positions(tmp_path
     assert not torch.allclose(layer(shuffled).sum(1), out.sum(1), atol=1e-4)  # positions matter
 
 
+def test_a_layer_is_built_only_from_a_complete_matching_state_dict(tiny_llama):
+    from nnunetv2_llm.llm.blueprint import layer_from_state_dict
+
+    config = load_config(tiny_llama)
+    blueprint = layer_blueprint(config)
+    state = read_layer_state_dict(tiny_llama, config, 1, blueprint)
+    layer = layer_from_state_dict(blueprint, config, 1, state, torch.float32)
+    assert all(torch.equal(layer.state_dict()[k], v) for k, v in state.items())
+    with pytest.raises(ValueError, match="missing .*q_proj"):
+        layer_from_state_dict(blueprint, config, 1, {k: v for k, v in state.items() if "q_proj" not in k},
+                              torch.float32)
+    with pytest.raises(ValueError, match="unexpected .*mlp.extra.weight"):
+        layer_from_state_dict(blueprint, config, 1, {**state, "mlp.extra.weight": state["mlp.up_proj.weight"]},
+                              torch.float32)
+    with pytest.raises(ValueError, match="shape"):
+        layer_from_state_dict(blueprint, config, 1, {**state, "mlp.up_proj.weight": state["mlp.down_proj.weight"]},
+                              torch.float32)
+
+
 def test_bfloat16_source_keeps_bfloat16_weights(tmp_path):
     folder = save_bfloat16_model(tmp_path / "bf16")
     config = load_config(folder)
     blueprint = layer_blueprint(config)
-    dtype = getattr(torch, make_spec("pretrained", str(folder), 0).dtype)  # the spec decides the layer's dtype
+    dtype = getattr(torch, make_spec(LLMChoice("pretrained", str(folder), 0)).dtype)  # the spec decides the dtype
     layer = FrozenLLMLayer.from_state_dict(blueprint, config, 0, read_layer_state_dict(folder, config, 0, blueprint),
                                            dtype)
     assert {p.dtype for p in layer.parameters()} == {torch.bfloat16}  # no float32 copy
@@ -156,8 +175,8 @@ def test_lora_adapters_of_a_bfloat16_layer_train_in_float32(tmp_path):
     """peft makes adapters in the layer's dtype; in bfloat16 most SGD updates of lr 1e-2 would round away."""
     from nnunetv2_llm.model.network import build_mixer
 
-    mixer = build_mixer(make_spec("pretrained", source=str(save_bfloat16_model(tmp_path / "bf16")), layer=0, rank=4,
-                                  lora_rank=2))
+    mixer = build_mixer(make_spec(LLMChoice("pretrained", source=str(save_bfloat16_model(tmp_path / "bf16")), layer=0,
+                                            rank=4, lora_rank=2)))
     adapters = [p for p in mixer.parameters() if p.requires_grad]
     assert adapters and {p.dtype for p in adapters} == {torch.float32}
     assert {p.dtype for p in mixer.parameters() if not p.requires_grad} == {torch.bfloat16}
@@ -169,20 +188,21 @@ def test_lora_adapters_of_a_bfloat16_layer_train_in_float32(tmp_path):
 
 def test_random_control_of_a_bfloat16_source_is_built_in_bfloat16(tmp_path):
     """The random layer is created in the source's dtype, not in float32 and then converted (2x the memory)."""
-    from nnunetv2_llm.llm.source import instantiate_layer
+    from nnunetv2_llm.llm.blueprint import instantiate_layer
     from nnunetv2_llm.model.network import build_mixer
 
     folder = save_bfloat16_model(tmp_path / "bf16")
     config = load_config(folder)
-    layer = instantiate_layer(layer_blueprint(config), config, 0, "cpu", torch.bfloat16)
+    layer = instantiate_layer(layer_blueprint(config), config, 0, torch.bfloat16)
     assert {p.dtype for p in layer.parameters()} == {torch.bfloat16}
     assert torch.get_default_dtype() == torch.float32  # restored
-    mixer = build_mixer(make_spec("random", str(folder), 0))
+    mixer = build_mixer(make_spec(LLMChoice("random", str(folder), 0)))
     assert {p.dtype for p in mixer.parameters()} == {torch.bfloat16}
     assert mixer(torch.randn(1, 4, 64)).dtype == torch.bfloat16
     # the same seed draws the same weights as building in float32 and rounding (what earlier versions did)
     via_float32 = FrozenLLMLayer.random(layer_blueprint(config), config, 0, 0, torch.float32).layer.to(torch.bfloat16)
-    assert all(torch.equal(a, b) for a, b in zip(mixer.layer.state_dict().values(), via_float32.state_dict().values()))
+    pairs = zip(mixer.layer.state_dict().values(), via_float32.state_dict().values(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
 
 
 @pytest.mark.parametrize("source", ["sharded float32", "bfloat16", "gguf"])
@@ -193,19 +213,19 @@ def test_controls_get_the_layers_dtype_without_reading_it(source, tiny_llama, tm
 
     folder = {"sharded float32": lambda: tiny_llama, "bfloat16": lambda: save_bfloat16_model(tmp_path / "bf16"),
               "gguf": lambda: default_source()}[source]()
-    expected = make_spec("pretrained", str(folder), 1).dtype
+    expected = make_spec(LLMChoice("pretrained", str(folder), 1)).dtype
     assert expected == ("bfloat16" if source == "bfloat16" else "float32")
 
     def refuse(*args, **kwargs):
         raise AssertionError("a control read the layer's tensors")
 
     monkeypatch.setattr(spec_module, "read_layer_state_dict", refuse)
-    monkeypatch.setattr("nnunetv2_llm.llm.source._read_gguf_layer", refuse)
+    monkeypatch.setattr("nnunetv2_llm.llm.layer.read_gguf_layer", refuse)
     monkeypatch.setattr("safetensors.safe_open", _without_get_tensor())
     for mixer in ("identity", "random"):
-        spec, state = spec_module.make_spec_and_layer(mixer, str(folder), 1)
+        spec, state = spec_module.make_spec_and_layer(LLMChoice(mixer, str(folder), 1))
         assert (spec.dtype, spec.layer_sha256, state) == (expected, "", None)
-    from nnunetv2_llm.llm.source import _gguf_reader
+    from nnunetv2_llm.llm.readers.gguf import _gguf_reader
 
     assert _gguf_reader.cache_info().currsize == 0  # a GGUF parse (~160 MiB) is not kept when no layer was read
 
@@ -236,7 +256,7 @@ def _without_get_tensor():
     return NoTensors
 
 
-def test_trainer_reads_the_frozen_layer_once(workdir, tmp_path, monkeypatch, tiny_llama):
+def test_trainer_reads_the_frozen_layer_once(workdir, tmp_path, monkeypatch, tiny_llama):  # noqa: F811 (fixture)
     """``__init__`` reads the layer for its checksum; the network built in ``initialize`` takes those tensors
     instead of reading the source again, and holds nothing else afterwards."""
     import nnunetv2_llm.model.network as network

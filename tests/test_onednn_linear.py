@@ -1,4 +1,5 @@
-"""OneDNNLinear: the frozen layer's linears computed by oneDNN on CPU, same function and parameters as nn.Linear."""
+"""OneDNNLinear (opt-in, nnUNet_LLM_ONEDNN=1): the frozen layer's linears computed by oneDNN on CPU, same function
+and parameters as nn.Linear; by default the frozen layer keeps nn.Linear."""
 
 from __future__ import annotations
 
@@ -6,10 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from nnunetv2_llm.llm.source import instantiate_layer, layer_blueprint
 from nnunetv2_llm.model.network import build_mixer
-from nnunetv2_llm.model.onednn_linear import OneDNNLinear, use_onednn_linears
-from nnunetv2_llm.model.spec import make_spec
+from nnunetv2_llm.model.onednn_linear import ENV_ONEDNN, OneDNNLinear, use_onednn_linears
+from nnunetv2_llm.model.spec import LLMChoice, make_spec
 
 needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
 
@@ -34,7 +34,7 @@ def test_matches_nn_linear_forward_and_backward(bias, shape):
     (out * grad_out).sum().backward()
     assert out.shape == expected.shape and out.is_contiguous()
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-    for got, want in zip([x.grad] + [p.grad for p in plain.parameters()], expected_grads):
+    for got, want in zip([x.grad] + [p.grad for p in plain.parameters()], expected_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -44,15 +44,28 @@ def test_other_dtypes_take_nn_linear_unchanged():
     assert torch.equal(layer(x), nn.functional.linear(x, layer.weight, layer.bias))
 
 
-def test_frozen_layer_uses_it_with_unchanged_state_dict_keys(tiny_llama):
-    spec = make_spec("pretrained", source=str(tiny_llama), layer=0, rank=4)
-    mixer = build_mixer(spec)
-    config = spec.hf_config()
-    plain = instantiate_layer(layer_blueprint(config), config, 0, "meta")
+@pytest.fixture
+def pretrained_spec(tiny_llama):
+    return make_spec(LLMChoice("pretrained", source=str(tiny_llama), layer=0, rank=4))
+
+
+def test_frozen_layer_uses_nn_linear_by_default(pretrained_spec, monkeypatch):
+    monkeypatch.delenv(ENV_ONEDNN, raising=False)
+    linears = [m for m in build_mixer(pretrained_spec).layer.modules() if isinstance(m, nn.Linear)]
+    assert linears and all(type(m) is nn.Linear for m in linears)
+
+
+def test_opt_in_frozen_layer_uses_it_with_unchanged_state_dict_keys(pretrained_spec, monkeypatch):
+    monkeypatch.setenv(ENV_ONEDNN, "1")
+    mixer = build_mixer(pretrained_spec)
+    monkeypatch.delenv(ENV_ONEDNN)
+    plain = build_mixer(pretrained_spec)
     linears = [m for m in mixer.layer.modules() if isinstance(m, nn.Linear)]
     assert linears and all(type(m) is OneDNNLinear for m in linears)
-    assert set(mixer.layer.state_dict()) == set(plain.state_dict())  # checkpoints load either way
+    assert mixer.layer.state_dict().keys() == plain.layer.state_dict().keys()  # checkpoints load either way
     assert not any(p.requires_grad for p in mixer.parameters())
+    tokens = torch.randn(2, 5, pretrained_spec.width)
+    torch.testing.assert_close(mixer(tokens), plain(tokens), rtol=1e-5, atol=1e-5)
 
 
 @needs_onednn

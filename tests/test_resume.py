@@ -22,13 +22,19 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-
 from reliability_helpers import (  # noqa: F401 (workdir is a fixture)
-    fold_dir, loaded_fingerprints, no_traceback, run_command, train, train_env, workdir,
+    fold_dir,
+    loaded_fingerprints,
+    no_traceback,
+    run_command,
+    train,
+    train_env,
+    workdir,
 )
 
-from nnunetv2_llm.model.spec import FROZEN_PREFIX, BottleneckSpec, frozen_layer_sha256, make_spec
-from nnunetv2_llm.trainers.reliability import load_checkpoint_file, state_fingerprints
+from nnunetv2_llm.model.spec import FROZEN_PREFIX, BottleneckSpec, LLMChoice, frozen_layer_sha256, make_spec
+from nnunetv2_llm.trainers.reliability.checkpoint_io import load_checkpoint_file
+from nnunetv2_llm.trainers.reliability.fingerprints import state_fingerprints
 
 TRAINER = "nnUNetTrainerLLM_LoRA_3epochs_2iters"
 
@@ -58,9 +64,9 @@ def chain(workdir, tiny_llama, tmp_path_factory):
     after_kill = Path(shutil.copy(folder / "checkpoint_latest.pth", tmp / "after_sigkill.pth"))
 
     third = train(TRAINER, env, "--c")
-    return SimpleNamespace(env=env, folder=folder, first=first, first_group_alive=first_group_alive, second=second, third=third, after_term=after_term,
-                           after_kill=after_kill, temporaries_1=temporaries_1, readable_after_kill=readable_after_kill,
-                           source=tiny_llama, tmp=tmp)
+    return SimpleNamespace(env=env, folder=folder, first=first, first_group_alive=first_group_alive, second=second,
+                           third=third, after_term=after_term, after_kill=after_kill, temporaries_1=temporaries_1,
+                           readable_after_kill=readable_after_kill, source=tiny_llama, tmp=tmp)
 
 
 def test_sigterm_mid_epoch_ends_with_a_resume_hint(chain):
@@ -109,7 +115,7 @@ def test_resume_restores_the_saved_state_exactly(chain):
 
 
 def test_frozen_layer_stays_bit_identical_to_the_source(chain):
-    source_sha = make_spec("pretrained", source=str(chain.source), layer=1).layer_sha256
+    source_sha = make_spec(LLMChoice("pretrained", source=str(chain.source), layer=1)).layer_sha256
     spec = BottleneckSpec.from_plans(__import__("json").loads((chain.folder.parent / "plans.json").read_text()))
     assert spec.layer_sha256 == source_sha
     final = load_checkpoint_file(chain.folder / "checkpoint_final.pth")
@@ -162,7 +168,7 @@ def test_predict_guard_on_the_resumed_model(chain):
 SLOW_SAVE_CHILD = r'''
 import io, sys, time
 import torch
-from nnunetv2_llm.trainers import reliability
+from nnunetv2_llm.trainers.reliability import checkpoint_io
 
 mode, target = sys.argv[1], sys.argv[2]
 real_save = torch.save
@@ -185,7 +191,7 @@ def slow_save(obj, f, *args, **kwargs):
 torch.save = slow_save
 checkpoint = {"version": 2, "network_weights": {"w": torch.randn(2_000_000)}}
 if mode == "atomic":
-    reliability.atomic_torch_save(checkpoint, target)
+    checkpoint_io.atomic_torch_save(checkpoint, target)
 else:  # what nnU-Net's save_checkpoint does: torch.save straight onto the final name
     torch.save(checkpoint, target)
 print("done", flush=True)
@@ -219,7 +225,7 @@ def test_kill_during_checkpoint_write(tmp_path, mode):
     import sys
 
     from nnunetv2_llm.common.atomic_files import remove_stale_temporaries
-    from nnunetv2_llm.trainers.reliability import atomic_torch_save
+    from nnunetv2_llm.trainers.reliability.checkpoint_io import atomic_torch_save
 
     target = tmp_path / "checkpoint_latest.pth"
     atomic_torch_save({"version": 1, "network_weights": {"w": torch.zeros(3)}}, target)
@@ -236,5 +242,5 @@ def test_kill_during_checkpoint_write(tmp_path, mode):
         assert load_checkpoint_file(target)["version"] == 1  # the previous checkpoint, complete
         assert remove_stale_temporaries(tmp_path) and not list(tmp_path.glob("*.tmp-*"))
     else:
-        with pytest.raises(Exception):
+        with pytest.raises(RuntimeError, match="PytorchStreamReader"):  # a truncated zip archive
             torch.load(target, weights_only=False)

@@ -1,17 +1,18 @@
 """Resume details against nnU-Net's own epoch loop: the best-EMA value a latest checkpoint stores, an earlier run's
-checkpoint_final.pth on a fresh start, recovery advice for unreadable checkpoints, and -pretrained_weights that
-would replace the frozen LLM layer."""
+checkpoint_final.pth on a fresh start, recovery advice for unreadable checkpoints, -pretrained_weights that would
+replace the frozen LLM layer, and an unreadable or malformed plans.json in the model folder."""
 
 from __future__ import annotations
 
 import copy
+import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
 from nnunetv2.training.logging.nnunet_logger import MetaLogger
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-
 from reliability_helpers import make_trainer, workdir  # noqa: F401 (workdir is a fixture)
 
 from nnunetv2_llm.trainers.reliability import ReliabilityMixin
@@ -90,6 +91,25 @@ def test_pretrained_weights_replacing_the_frozen_layer_stop_training(workdir, tm
         trainer.on_train_start()
     assert exit_info.value.code == 2
     assert "replaced after the network was built" in capsys.readouterr().err
+
+
+def test_a_truncated_plans_json_is_a_warning_and_a_malformed_block_an_error(workdir, tmp_path, monkeypatch,
+                                                                             tiny_llama, capsys):
+    """The model folder's plans.json is read before training: a truncated file (nnU-Net rewrites it when training
+    starts) is only logged; a block that is not a spec stops with exit code 2."""
+    results = tmp_path / "results"
+    first = make_trainer("nnUNetTrainerLLM_1epoch_2iters", workdir, results, monkeypatch, tiny_llama)
+    plans = Path(first.output_folder_base) / "plans.json"
+    plans.parent.mkdir(parents=True, exist_ok=True)
+    plans.write_text('{"nnunetv2_llm": {"mixer": "pre')
+    second = make_trainer("nnUNetTrainerLLM_1epoch_2iters", workdir, results, monkeypatch, tiny_llama)
+    log = Path(second.log_file).read_text()
+    assert f"WARNING: {plans} is unreadable (" in log and "it is rewritten when training starts" in log
+
+    plans.write_text(json.dumps({"nnunetv2_llm": {"mixer": "pretrained"}}))
+    with pytest.raises(SystemExit) as exit_info:
+        make_trainer("nnUNetTrainerLLM_1epoch_2iters", workdir, results, monkeypatch, tiny_llama)
+    assert exit_info.value.code == 2 and "nnunetv2_llm block is malformed" in capsys.readouterr().err
 
 
 def test_a_worker_told_to_stop_after_sigterm_exits_cleanly():

@@ -10,14 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import save_tiny_model
 from reliability_helpers import make_trainer, workdir  # noqa: F401 (workdir is a fixture)
 
 from nnunetv2_llm import cli
 from nnunetv2_llm.common.errors import LLMSettingError
-from nnunetv2_llm.model.spec import make_spec
-from nnunetv2_llm.trainers.reliability import CheckpointUnreadable, load_checkpoint_file
+from nnunetv2_llm.model.spec import LLMChoice, make_spec
+from nnunetv2_llm.trainers.reliability.checkpoint_io import CheckpointUnreadable, load_checkpoint_file
 
 PACKAGE = Path(__file__).resolve().parents[1] / "nnunetv2_llm"
 
@@ -51,12 +50,10 @@ def test_package_never_asks_for_remote_code():
     assert sources
     for path, text in sources.items():
         assert not re.search(r"trust_remote_code\s*=\s*True", text), path
-    # the LLM and checkpoint loading code unpickles fully only on the documented opt-in
-    loaders = [PACKAGE / "llm_source.py", PACKAGE / "spec.py", PACKAGE / "predict_guard.py",
-               *sorted((PACKAGE / "trainers").glob("*.py"))]
-    full = [p.name for p in loaders if "weights_only=False" in p.read_text()]
-    assert full == ["reliability.py"]
-    assert "if not allow_pickle" in (PACKAGE / "trainers" / "reliability.py").read_text()
+    # only the checkpoint reader unpickles fully, and only on the documented opt-in
+    checkpoint_io = PACKAGE / "trainers" / "reliability" / "checkpoint_io.py"
+    assert [p for p, text in sources.items() if "weights_only=False" in text] == [checkpoint_io]
+    assert "if not pickle_allowed():" in sources[checkpoint_io]
 
 
 def test_model_folder_with_custom_code_loads_without_running_it(llama, tmp_path, capsys):
@@ -71,12 +68,12 @@ def test_model_folder_with_custom_code_loads_without_running_it(llama, tmp_path,
     (folder / "config.json").write_text(json.dumps(config))
 
     assert cli.main(["info", "--llm-source", str(folder), "--llm-layer", "1"]) == 0
-    spec = make_spec("pretrained", source=str(folder), layer=1)
+    spec = make_spec(LLMChoice("pretrained", source=str(folder), layer=1))
     from nnunetv2_llm.model.network import build_mixer
 
     build_mixer(spec)
     assert "auto_map" not in spec.llm_config
-    assert spec.layer_sha256 == make_spec("pretrained", source=str(llama), layer=1).layer_sha256
+    assert spec.layer_sha256 == make_spec(LLMChoice("pretrained", source=str(llama), layer=1)).layer_sha256
     assert not marker.exists()
 
 
@@ -113,9 +110,9 @@ def test_pickled_weights_are_refused_unless_opted_in(llama, tmp_path, capsys, mo
     assert "pickled checkpoint" in capsys.readouterr().err
 
     monkeypatch.setenv("nnUNet_LLM_ALLOW_PICKLE", "1")
-    spec = make_spec("pretrained", source=str(folder), layer=1)
+    spec = make_spec(LLMChoice("pretrained", source=str(folder), layer=1))
     assert spec.source_format == "pickle"
-    assert spec.layer_sha256 == make_spec("pretrained", source=str(llama), layer=1).layer_sha256
+    assert spec.layer_sha256 == make_spec(LLMChoice("pretrained", source=str(llama), layer=1)).layer_sha256
 
 
 def test_opted_in_pickle_still_runs_no_code(llama, tmp_path, monkeypatch):
@@ -126,7 +123,7 @@ def test_opted_in_pickle_still_runs_no_code(llama, tmp_path, monkeypatch):
     torch.save(state, folder / "pytorch_model.bin")
     monkeypatch.setenv("nnUNet_LLM_ALLOW_PICKLE", "1")
     with pytest.raises(LLMSettingError, match="weights_only=True"):
-        make_spec("pretrained", source=str(folder), layer=1)
+        make_spec(LLMChoice("pretrained", source=str(folder), layer=1))
     assert not marker.exists()
     torch.load(folder / "pytorch_model.bin", weights_only=False)  # control: the file really runs code
     assert marker.exists()

@@ -83,16 +83,19 @@ def check_raw_dataset(folder: str | os.PathLike) -> None:
 
 
 def _check_keys(folder: Path, data: dict) -> None:
+    """The required keys hold what nnU-Net v2 expects (types, channel numbering, the background label)."""
     where = folder / "dataset.json"
     channels, labels, ending = data["channel_names"], data["labels"], data["file_ending"]
     if not isinstance(channels, dict) or not channels:
-        raise LLMSettingError(f'{where}: "channel_names" must be a non-empty object like {{"0": "MRI"}}', "dataset.json")
-    if sorted(channels) != [str(i) for i in range(len(channels))]:
-        raise LLMSettingError(f'{where}: "channel_names" keys must be "0".."{len(channels) - 1}", got {sorted(channels)}',
+        raise LLMSettingError(f'{where}: "channel_names" must be a non-empty object like {{"0": "MRI"}}',
                               "dataset.json")
+    if sorted(channels) != [str(i) for i in range(len(channels))]:
+        raise LLMSettingError(f'{where}: "channel_names" keys must be "0".."{len(channels) - 1}", '
+                              f"got {sorted(channels)}", "dataset.json")
     if not isinstance(labels, dict) or labels.get("background") != 0:
         raise LLMSettingError(f'{where}: "labels" must be an object mapping names to values with "background": 0 '
-                              f'(nnU-Net v2 maps name -> value, MSD maps value -> name), got {labels!r}', "dataset.json")
+                              f"(nnU-Net v2 maps name -> value, MSD maps value -> name), got {labels!r}",
+                              "dataset.json")
     if not isinstance(ending, str) or not ending.startswith("."):
         raise LLMSettingError(f'{where}: "file_ending" must be a string like ".nii.gz", got {ending!r}', "dataset.json")
     if not isinstance(data["numTraining"], int) or data["numTraining"] < 1:
@@ -144,18 +147,27 @@ def _dataset_json_entries(data: dict) -> Iterator[tuple[str, object]]:
     """(where, path) for every file path a dataset.json names: MSD "training"/"test", nnU-Net v2 "dataset"."""
     for key in ("training", "test", "validation"):
         entries = data.get(key)
-        if not isinstance(entries, list):
-            continue
-        for i, entry in enumerate(entries):
-            if isinstance(entry, dict):
-                for field_name in ("image", "label"):
-                    if field_name in entry:
-                        value = entry[field_name]
-                        for j, v in enumerate(value if isinstance(value, list) else [value]):
-                            suffix = f"[{j}]" if isinstance(value, list) else ""
-                            yield f'"{key}"[{i}].{field_name}{suffix}', v
-            else:
-                yield f'"{key}"[{i}]', entry
+        if isinstance(entries, list):
+            for i, entry in enumerate(entries):
+                yield from _msd_entry_paths(f'"{key}"[{i}]', entry)
+    yield from _dataset_dict_paths(data)
+
+
+def _msd_entry_paths(where: str, entry: object) -> Iterator[tuple[str, object]]:
+    """(where, path) of one MSD list entry: a path, or {"image": path(s), "label": path(s)}."""
+    if not isinstance(entry, dict):
+        yield where, entry
+        return
+    for field_name in ("image", "label"):
+        if field_name in entry:
+            value = entry[field_name]
+            for j, v in enumerate(value if isinstance(value, list) else [value]):
+                suffix = f"[{j}]" if isinstance(value, list) else ""
+                yield f"{where}.{field_name}{suffix}", v
+
+
+def _dataset_dict_paths(data: dict) -> Iterator[tuple[str, object]]:
+    """(where, path) of nnU-Net v2's optional "dataset": {case: {"images": [...], "label": ...}}."""
     dataset = data.get("dataset")
     if isinstance(dataset, dict):
         for case, entry in dataset.items():

@@ -7,15 +7,15 @@ from typing import Iterator
 
 # Which name the user knows a setting by: library code raises with the environment variable's name
 # (``nnUNet_LLM_SOURCE``), and a command that took the value from a flag maps it to that flag (``--llm-source``).
-_SETTING_NAMES: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar("nnunetv2_llm_setting_names",
-                                                                                default={})
+# No default on the variable itself: a shared mutable default could be changed in place; ``get({})`` instead.
+_SETTING_NAMES: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar("nnunetv2_llm_setting_names")
 
 
 class LLMSettingError(Exception):
     """A bad LLM choice or input, explained in one message naming the setting to fix."""
 
-    def __init__(self, message: str, setting: str | None = None):
-        setting = _SETTING_NAMES.get().get(setting, setting) if setting else setting
+    def __init__(self, message: str, setting: str | None = None) -> None:
+        setting = _SETTING_NAMES.get({}).get(setting, setting) if setting else setting
         self.setting = setting
         self.detail = message
         super().__init__(f"{message} (fix: {setting})" if setting else message)
@@ -25,7 +25,7 @@ class LLMSettingError(Exception):
 def setting_names(**aliases: str) -> Iterator[None]:
     """Within this block, errors about ``setting`` name ``aliases[setting]`` instead, e.g.
     ``setting_names(nnUNet_LLM_SOURCE="--llm-source")`` when the value came from that flag."""
-    token = _SETTING_NAMES.set({**_SETTING_NAMES.get(), **aliases})
+    token = _SETTING_NAMES.set({**_SETTING_NAMES.get({}), **aliases})
     try:
         yield
     finally:

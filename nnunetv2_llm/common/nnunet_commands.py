@@ -12,6 +12,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from nnunetv2_llm.common.dataset_checks import load_dataset_json
 from nnunetv2_llm.common.environment import NNUNET_FOLDERS, nnunet_env
 from nnunetv2_llm.common.errors import LLMSettingError
 
@@ -29,6 +30,8 @@ def nnunet_command(name: str) -> str:
 
 
 def run(args: list[str], env: dict[str, str]) -> None:
+    """Run an nnU-Net command with ``env`` added to this environment, echoing it first; its output goes straight
+    to the terminal."""
     print("$ " + " ".join(args), flush=True)
     result = subprocess.run([nnunet_command(args[0]), *args[1:]], env={**os.environ, **env})
     if result.returncode != 0:
@@ -107,6 +110,7 @@ def dataset_folder(root: str, dataset_id: int) -> Path | None:
 
 
 def ensure_raw_from_msd(msd_folder: Path, dataset_id: int, env: dict[str, str]) -> Path:
+    """The raw dataset of ``dataset_id``, converted from the MSD task folder unless it exists."""
     if dataset_folder(env["nnUNet_raw"], dataset_id) is None:
         run(["nnUNetv2_convert_MSD_dataset", "-i", str(msd_folder), "-overwrite_id", str(dataset_id), "-np", "2"], env)
     return dataset_folder(env["nnUNet_raw"], dataset_id)
@@ -164,7 +168,8 @@ def check_folds(preprocessed: Path | None, folds: Sequence[str | int], setting: 
 
 
 def ensure_preprocessed(dataset_id: int, configuration: str, env: dict[str, str], plans: str = "nnUNetPlans") -> None:
-    """Plan (``PLANNERS``) or preprocess (the user's own plans) unless complete; re-fingerprint a replaced raw dataset."""
+    """Plan (``PLANNERS``) or preprocess (the user's own plans) unless complete; re-fingerprint a replaced raw
+    dataset."""
     raw = dataset_folder(env["nnUNet_raw"], dataset_id)
     folder = dataset_folder(env["nnUNet_preprocessed"], dataset_id)
     if is_preprocessed(folder, configuration, plans, raw):
@@ -184,17 +189,18 @@ def ensure_preprocessed(dataset_id: int, configuration: str, env: dict[str, str]
                               f"dataset {dataset_id} (its output above says why)", "-c / -p")
 
 
-def _read_json(path: Path) -> dict | None:
+def _dataset_json_or_none(folder: Path) -> dict | None:
+    """``folder/dataset.json``, None when it is missing or unreadable (then nothing can be compared or counted)."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        return load_dataset_json(folder)
+    except LLMSettingError:
         return None
 
 
 def raw_dataset_changed(preprocessed: Path | None, raw: Path | None) -> bool:
     """The raw dataset's dataset.json differs from the copy nnU-Net's planner put beside the preprocessed data."""
     return preprocessed is not None and raw is not None and (preprocessed / "dataset.json").is_file() and \
-        _read_json(raw / "dataset.json") != _read_json(preprocessed / "dataset.json")
+        _dataset_json_or_none(raw) != _dataset_json_or_none(preprocessed)
 
 
 def is_preprocessed(folder: Path | None, configuration: str, plans: str, raw: Path | None = None) -> bool:
@@ -209,18 +215,25 @@ def is_preprocessed(folder: Path | None, configuration: str, plans: str, raw: Pa
         identifier = PlansManager(str(folder / f"{plans}.json")).get_configuration(configuration).data_identifier
     except (KeyError, RuntimeError, ValueError):  # configuration not planned (yet), or unreadable plans
         return False
-    expected = (_read_json(folder / "dataset.json") or {}).get("numTraining")
+    expected = (_dataset_json_or_none(folder) or {}).get("numTraining")
     data = folder / identifier
     return data.is_dir() and len(list(data.glob("*.pkl"))) == expected
 
 
-def trainer_fold_dir(env: dict[str, str], dataset_id: int, configuration: str, trainer: str, fold: str,
-                     plans: str = "nnUNetPlans") -> Path | None:
+def trainer_folder(results: str, dataset_id: int, trainer: str, plans: str, configuration: str) -> Path | None:
+    """nnU-Net's model folder ``results/DatasetXXX_Name/TRAINER__PLANS__CONFIGURATION`` (it may not exist yet);
+    None when the dataset has no folder under ``results``."""
     from nnunetv2.utilities.file_path_utilities import convert_trainer_plans_config_to_identifier
 
-    results = dataset_folder(env["nnUNet_results"], dataset_id)
-    return results / convert_trainer_plans_config_to_identifier(trainer, plans, configuration) / f"fold_{fold}" \
-        if results else None
+    dataset = dataset_folder(results, dataset_id)
+    return dataset / convert_trainer_plans_config_to_identifier(trainer, plans, configuration) if dataset else None
+
+
+def trainer_fold_dir(env: dict[str, str], dataset_id: int, configuration: str, trainer: str, fold: str,
+                     plans: str = "nnUNetPlans") -> Path | None:
+    """The fold's folder in ``trainer_folder`` under ``env["nnUNet_results"]``."""
+    folder = trainer_folder(env["nnUNet_results"], dataset_id, trainer, plans, configuration)
+    return folder / f"fold_{fold}" if folder else None
 
 
 def ensure_trained(dataset_id: int, configuration: str, trainer: str, fold: str, env: dict[str, str],

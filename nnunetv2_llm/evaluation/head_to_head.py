@@ -15,12 +15,19 @@ from typing import Sequence
 
 from nnunetv2_llm.common.errors import LLMSettingError
 from nnunetv2_llm.common.nnunet_commands import (
-    check_device, check_trainer_names, check_training_request, dataset_folder, ensure_preprocessed, ensure_trained,
-    nnunet_dataset_id, trainer_fold_dir,
+    check_device,
+    check_trainer_names,
+    check_training_request,
+    dataset_folder,
+    ensure_preprocessed,
+    ensure_trained,
+    nnunet_dataset_id,
+    trainer_fold_dir,
 )
 
 
 def require_nnunet_env() -> dict[str, str]:
+    """The environment with nnU-Net's three data folders, which must be set."""
     from nnunetv2_llm.common.environment import NNUNET_FOLDERS, nnunet_env
 
     env = nnunet_env()
@@ -56,8 +63,8 @@ def train_all(dataset_id: int, configuration: str, trainers: Sequence[str], fold
         fold_dir = trainer_fold_dir(env, dataset_id, configuration, trainer, fold, plans)
         finished = fold_dir is not None and (fold_dir / "validation" / "summary.json").is_file()
         left = ", ".join(f"{t} f{f}" for f, t in jobs[i:]) or "nothing"
-        state = "done, skipped" if finished else "resuming" if fold_dir and (fold_dir / "checkpoint_latest.pth").is_file() \
-            else "running"
+        resuming = fold_dir is not None and (fold_dir / "checkpoint_latest.pth").is_file()
+        state = "done, skipped" if finished else "resuming" if resuming else "running"
         console.rule(f"[bold]head-to-head {i}/{len(jobs)}: {trainer} fold {fold} ({state})[/] — left: {left}")
         if not finished:
             ensure_trained(dataset_id, configuration, trainer, fold, env, device, plans)
@@ -66,7 +73,8 @@ def train_all(dataset_id: int, configuration: str, trainers: Sequence[str], fold
 def head_to_head(dataset: str | int, configuration: str, trainers: Sequence[str], folds: Sequence[int],
                  output_dir: Path, device: str = "cuda", plans: str = "nnUNetPlans", overwrite: bool = False) -> Path:
     """Train what is missing, then write the comparison report; returns the path of report.md."""
-    from nnunetv2_llm.evaluation.compare import check_comparable, check_output_dir, compare
+    from nnunetv2_llm.evaluation.compare.checks import check_comparable, check_output_dir
+    from nnunetv2_llm.evaluation.compare.run import compare
 
     check_comparable(trainers, folds)
     check_output_dir(output_dir, overwrite)

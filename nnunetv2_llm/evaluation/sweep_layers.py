@@ -12,17 +12,22 @@ their stored LLM layer and source must be the requested ones); a report already 
 from __future__ import annotations
 
 import argparse
-import json
 import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 from nnunetv2_llm.common.errors import LLMSettingError
+from nnunetv2_llm.common.nnunet_commands import (
+    check_device,
+    check_trainer_names,
+    check_training_request,
+    dataset_folder,
+    nnunet_dataset_id,
+)
 from nnunetv2_llm.evaluation.head_to_head import prepare_dataset, require_nnunet_env, train_all
 from nnunetv2_llm.llm.source import ENV_LAYER, ENV_SOURCE
-from nnunetv2_llm.common.nnunet_commands import (
-    check_device, check_trainer_names, check_training_request, dataset_folder, nnunet_dataset_id,
-)
 
 if TYPE_CHECKING:
     from nnunetv2_llm.model.spec import BottleneckSpec
@@ -34,14 +39,39 @@ def layer_label(trainer: str, layer: int) -> str:
     return f"{trainer}_layer{layer}"
 
 
+@dataclass(frozen=True)
+class _Sweep:
+    """One sweep as requested: ``layers`` resolved (``-1``: the last layer), ``output_dir`` absolute, ``env`` the
+    nnU-Net folders (and the LLM source) the trainings see."""
+
+    dataset_id: int
+    configuration: str
+    trainer: str
+    layers: list[int]
+    folds: list[int]
+    output_dir: Path
+    reference: str | None
+    plans: str
+    env: dict[str, str]
+
+    def model_folder(self, trainer: str) -> str:
+        """nnU-Net's model folder name of ``trainer`` for this sweep's plans and configuration."""
+        from nnunetv2.utilities.file_path_utilities import convert_trainer_plans_config_to_identifier
+
+        return convert_trainer_plans_config_to_identifier(trainer, self.plans, self.configuration)
+
+    @property
+    def labels(self) -> list[str]:
+        """The trainers as the report names them, the reference first."""
+        return ([self.reference] if self.reference is not None else []) + [layer_label(self.trainer, layer)
+                                                                             for layer in self.layers]
+
+
 def sweep_layers(dataset: str | int, configuration: str, trainer: str, layers: Sequence[int], folds: Sequence[int],
                  output_dir: Path, reference: str | None = None, device: str = "cuda", plans: str = "nnUNetPlans",
                  llm_source: str | None = None, overwrite: bool = False) -> Path:
     """Returns the path of the report (report.md, with ``dice_per_layer.png`` beside it)."""
-    from nnunetv2.utilities.file_path_utilities import convert_trainer_plans_config_to_identifier as folder_name
-
-    from nnunetv2_llm.evaluation.compare import check_comparable, check_output_dir, staged_outputs, write_comparison
-    from nnunetv2_llm.model.spec import make_spec
+    from nnunetv2_llm.model.spec import LLMChoice, make_spec
 
     env = require_nnunet_env()
     if llm_source:
@@ -52,58 +82,83 @@ def sweep_layers(dataset: str | int, configuration: str, trainer: str, layers: S
         check_trainer_names([reference], "--reference")
     check_training_request(dataset_id, configuration, plans, folds, env)
     # source and layer index, from the config (no weights read), as the trainer will see them
-    specs = [make_spec("random", source=llm_source, layer=layer, layer_setting="--layers") for layer in layers]
-    layers = [spec.layer for spec in specs]
-    labels = ([reference] if reference is not None else []) + [layer_label(trainer, layer) for layer in layers]
-    check_comparable(labels, folds, "--layers / --reference")
-    output_dir = Path(output_dir).resolve()
-    check_output_dir(output_dir, overwrite, keep=TRAINING_FOLDERS)
-    for spec in specs:
-        _check_trained_layer(output_dir, dataset_id, folder_name(trainer, plans, configuration), spec)
+    specs = [make_spec(LLMChoice("random", source=llm_source, layer=layer, layer_setting="--layers"))
+             for layer in layers]
+    sweep = _Sweep(dataset_id, configuration, trainer, [spec.layer for spec in specs], list(folds),
+                   Path(output_dir).resolve(), reference, plans, env)
+    _check_outputs(sweep, specs, overwrite)
     check_device(device)
     prepare_dataset(dataset_id, configuration, plans, env)
     name = dataset_folder(env["nnUNet_raw"], dataset_id).name
-    combined = output_dir / "results" / name  # one view of every run, for compare
+    _train_sweep(sweep, name, device)
+    _write_sweep_report(sweep, name)
+    return sweep.output_dir / "report.md"
+
+
+def _check_outputs(sweep: _Sweep, specs: Sequence[BottleneckSpec], overwrite: bool) -> None:
+    """Distinct layers and folds, a report only replaced with ``--overwrite``, and ``-o/layer_K`` folders trained
+    with the requested layers."""
+    from nnunetv2_llm.evaluation.compare.checks import check_comparable, check_output_dir
+
+    check_comparable(sweep.labels, sweep.folds, "--layers / --reference")
+    check_output_dir(sweep.output_dir, overwrite, keep=TRAINING_FOLDERS)
+    for spec in specs:
+        _check_trained_layer(sweep.output_dir, sweep.dataset_id, sweep.model_folder(sweep.trainer), spec)
+
+
+def _train_sweep(sweep: _Sweep, name: str, device: str) -> None:
+    """The reference once, the trainer once per layer (each in ``-o/layer_K``), all linked into ``-o/results``:
+    one view of every run, for compare."""
+    combined = sweep.output_dir / "results" / name
     combined.mkdir(parents=True, exist_ok=True)
-    folds = [str(f) for f in folds]
-    if reference is not None:
-        train_all(dataset_id, configuration, [reference], folds, env, device, plans)
-        _link(Path(env["nnUNet_results"]) / name / folder_name(reference, plans, configuration),
-              combined / folder_name(reference, plans, configuration))
-    for layer in layers:
-        layer_env = {**env, ENV_LAYER: str(layer), "nnUNet_results": str(output_dir / f"layer_{layer}")}
-        train_all(dataset_id, configuration, [trainer], folds, layer_env, device, plans)
-        _link(output_dir / f"layer_{layer}" / name / folder_name(trainer, plans, configuration),
-              combined / folder_name(layer_label(trainer, layer), plans, configuration))
-    with staged_outputs(output_dir) as staging:
-        report = write_comparison(name, configuration, labels, [int(f) for f in folds], staging, plans,
-                                  results_root=output_dir / "results",
-                                  preprocessed_root=Path(env["nnUNet_preprocessed"]))
-        _plot_dice_per_layer(staging / "per_case_metrics.csv", trainer, layers, reference,
+    folds = [str(f) for f in sweep.folds]
+    if sweep.reference is not None:
+        train_all(sweep.dataset_id, sweep.configuration, [sweep.reference], folds, sweep.env, device, sweep.plans)
+        _link(Path(sweep.env["nnUNet_results"]) / name / sweep.model_folder(sweep.reference),
+              combined / sweep.model_folder(sweep.reference))
+    for layer in sweep.layers:
+        results = sweep.output_dir / f"layer_{layer}"
+        layer_env = {**sweep.env, ENV_LAYER: str(layer), "nnUNet_results": str(results)}
+        train_all(sweep.dataset_id, sweep.configuration, [sweep.trainer], folds, layer_env, device, sweep.plans)
+        _link(results / name / sweep.model_folder(sweep.trainer),
+              combined / sweep.model_folder(layer_label(sweep.trainer, layer)))
+
+
+def _write_sweep_report(sweep: _Sweep, name: str) -> None:
+    """compare's report of every run, with the Dice-per-layer figure, staged into ``-o``."""
+    from nnunetv2_llm.common.outputs import staged_outputs
+    from nnunetv2_llm.evaluation.compare.checks import REPORT_FILES
+    from nnunetv2_llm.evaluation.compare.run import write_comparison
+
+    with staged_outputs(sweep.output_dir, REPORT_FILES) as staging:
+        report = write_comparison(name, sweep.configuration, sweep.labels, sweep.folds, staging, sweep.plans,
+                                  results_root=sweep.output_dir / "results",
+                                  preprocessed_root=Path(sweep.env["nnUNet_preprocessed"]))
+        _plot_dice_per_layer(staging / "per_case_metrics.csv", sweep.trainer, sweep.layers, sweep.reference,
                              staging / "dice_per_layer.png")
         with report.open("a") as f:
             f.write("\n## Dice per layer\n\n![Dice per layer](dice_per_layer.png)\n")
-    return output_dir / "report.md"
 
 
 def _check_trained_layer(output_dir: Path, dataset_id: int, model_folder_name: str, spec: BottleneckSpec) -> None:
     """The sweep skips the finished folds of ``-o/layer_K``: refuse one whose model folder was trained with another
     layer or source (its plans.json's ``nnunetv2_llm`` block), which would be reported under the wrong layer."""
-    from nnunetv2_llm.model.spec import PLANS_KEY
+    from nnunetv2_llm.model.spec import PLANS_FILE, BottleneckSpec
 
     results = dataset_folder(str(output_dir / f"layer_{spec.layer}"), dataset_id)
-    plans_file = results / model_folder_name / "plans.json" if results is not None else None
-    if plans_file is None or not plans_file.is_file():
+    folder = results / model_folder_name if results is not None else None
+    if folder is None or not (folder / PLANS_FILE).is_file():
         return
     try:
-        saved = json.loads(plans_file.read_text()).get(PLANS_KEY) or {}
-    except (OSError, ValueError, AttributeError):
-        saved = {}
-    if (saved.get("layer"), saved.get("source")) != (spec.layer, spec.source):
+        saved = BottleneckSpec.from_model_folder(folder, required=False)
+    except LLMSettingError:  # unreadable or malformed: it cannot show which layer it holds
+        saved = None
+    layer, source = (saved.layer, saved.source) if saved is not None else ("?", "?")
+    if (layer, source) != (spec.layer, spec.source):
         raise LLMSettingError(
-            f"{plans_file.parent} was trained with layer {saved.get('layer', '?')} of {saved.get('source', '?')}, "
-            f"not the requested layer {spec.layer} of {spec.source}; its finished folds would be reported as the "
-            f"requested layer. Use another -o, or remove {plans_file.parent}", "-o")
+            f"{folder} was trained with layer {layer} of {source}, not the requested layer {spec.layer} of "
+            f"{spec.source}; its finished folds would be reported as the requested layer. Use another -o, or "
+            f"remove {folder}", "-o")
 
 
 def _link(target: Path, link: Path) -> None:
@@ -121,7 +176,7 @@ def _plot_dice_per_layer(csv: Path, trainer: str, layers: Sequence[int], referen
     df = pd.read_csv(csv)
     df = df[df["paired"]]
     classes = list(df.sort_values("label")["label_name"].unique())  # dataset.json's label order
-    colors = dict(zip(classes, sns.color_palette(n_colors=len(classes))))
+    colors = dict(zip(classes, sns.color_palette(n_colors=len(classes)), strict=True))
     per_layer = df[df["trainer"].str.startswith(f"{trainer}_layer")].copy()
     per_layer["layer"] = per_layer["trainer"].str.rsplit("_layer", n=1).str[1].astype(int)
     fig = Figure(figsize=(7, 4.5), layout="constrained")

@@ -5,8 +5,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nnunetv2_llm.model.cpu_threads import elementwise_on_one_thread
-
 
 class LowRankProjection(nn.Module):
     """LoRA-style factorised linear map ``in -> rank -> out`` (MedVisionLlama projects with a low-rank adapter).
@@ -35,8 +33,7 @@ class LLMBottleneckBlock(nn.Module):
     -> mixer (B, N, D) -> proj_out (B, N, C) -> back to (B, C, *spatial) -> x + that.
     ``proj_out`` is zero-initialised, so at step 0 the block is the identity and the network equals the
     plain nnU-Net network. The block runs in float32 (or the layer's dtype) with autocast disabled: it is
-    a small share of the FLOPs, and fp16 must not overflow the LLM's residual stream. In CPU inference its
-    elementwise ops run on one thread (``cpu_threads``).
+    a small share of the FLOPs, and fp16 must not overflow the LLM's residual stream.
     """
 
     def __init__(self, channels: int, width: int, rank: int, mixer: nn.Module):
@@ -47,7 +44,7 @@ class LLMBottleneckBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, C, *spatial) -> (B, C, *spatial), same dtype as x."""
-        with torch.autocast(device_type=x.device.type, enabled=False), elementwise_on_one_thread(x):
+        with torch.autocast(device_type=x.device.type, enabled=False):
             flat = x.float().flatten(2)  # (B, C, N), converted once (a no-op for float32 input)
             mixed = self.mixer(self.proj_in(flat.transpose(1, 2))).float()
             # adding the (B, N, C) result through a transposed view writes (B, C, N) directly: no extra copy

@@ -3,20 +3,18 @@
 Choices (documented in the README):
 - Attention is bidirectional: every attention module's ``is_causal`` is set to False and no mask is passed,
   so SDPA, eager and flash backends all attend to every token (transformers' decoder layers are causal
-  by default and SDPA silently applies that when no mask is given).
+  by default and SDPA silently applies that when no mask is given). Attention goes through
+  ``bidirectional_sdpa``, which passes ``is_causal=False`` explicitly and, for float32 on CUDA (no grouped-query
+  SDPA kernel exists there), repeats the key/value heads so that the memory-efficient kernel runs instead of
+  the unfused math fallback.
 - Positions: decoder families get rotary embeddings over the raster order of the bottleneck voxels
   (the position scheme the layer was pre-trained with); BERT layers take no positions (BERT's absolute
-  position embeddings live in its embedding layer, which is not used).
+  position embeddings live in its embedding layer, which is not used). The rotary tables (cos, sin) depend
+  only on the token count, device and dtype, so they are computed once per combination and reused.
 - Numerics: the layer runs with autocast disabled in its own dtype (float32 for GGUF and float32 sources,
   bfloat16 for bfloat16 and float16 sources, unless the trainer asks for bfloat16: ``nnUNetTrainerLLM_bf16``),
   so nnU-Net's fp16 autocast on CUDA cannot overflow it.
-- Speed (issue 4, measured in BENCHMARKS.md): on a GPU the layer's ~170 small kernels per training step are
-  bound by Python/dispatch time, not by FLOPs. Two things cut that without changing the result: the rotary
-  tables (cos, sin) are computed once per token count, device and dtype and reused (they depend on nothing
-  else); and attention goes through ``bidirectional_sdpa``, which passes ``is_causal=False`` explicitly and,
-  for float32 on CUDA (no grouped-query SDPA kernel exists there), repeats the key/value heads so that the
-  memory-efficient kernel runs instead of the unfused math fallback. On CPU the layer's float32 linears run
-  through oneDNN (``onednn_linear``), about 1.8x faster than MKL's sgemm on the AMD benchmark machine.
+- Linears are ``nn.Linear``; ``nnUNet_LLM_ONEDNN=1`` opts in to ``onednn_linear`` on the CPU.
 """
 
 from __future__ import annotations
@@ -26,9 +24,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from nnunetv2_llm.model.cpu_threads import all_threads
-from nnunetv2_llm.llm.source import LayerBlueprint, instantiate_layer
-from nnunetv2_llm.model.onednn_linear import use_onednn_linears
+from nnunetv2_llm.llm.blueprint import LayerBlueprint, instantiate_layer, layer_from_state_dict
+from nnunetv2_llm.model.onednn_linear import onednn_requested, use_onednn_linears
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -51,9 +48,8 @@ def bidirectional_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor
             value = _repeat_kv(value, groups)
         else:
             extra["enable_gqa"] = True
-    with all_threads():
-        out = torch.nn.functional.scaled_dot_product_attention(
-            query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, is_causal=False, **extra)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, is_causal=False, **extra)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -92,7 +88,8 @@ class FrozenLLMLayer(nn.Module):
             if hasattr(module, "is_causal"):
                 module.is_causal = False
         _use_bidirectional_sdpa(self.layer)
-        use_onednn_linears(self.layer)
+        if onednn_requested():
+            use_onednn_linears(self.layer)
         self.layer.requires_grad_(False)
         self.layer.eval()
         self._rotary_cache: dict = {}  # not a buffer: not in the state dict, rebuilt on any device
@@ -100,11 +97,9 @@ class FrozenLLMLayer(nn.Module):
     @classmethod
     def from_state_dict(cls, blueprint: LayerBlueprint, config: PretrainedConfig, index: int,
                         state_dict: dict[str, torch.Tensor], dtype: torch.dtype) -> "FrozenLLMLayer":
-        """Build the layer on the meta device and assign the loaded tensors in ``dtype``, the spec's (no second
-        copy where they already are in it)."""
-        layer = instantiate_layer(blueprint, config, index, "meta")
-        layer.load_state_dict({k: v.to(dtype) for k, v in state_dict.items()}, strict=True, assign=True)
-        return cls(layer, _rotary(blueprint, config))
+        """The layer holding ``state_dict``'s tensors (keys relative to the layer) in ``dtype``, the spec's (no
+        second copy where they already are in it)."""
+        return cls(layer_from_state_dict(blueprint, config, index, state_dict, dtype), _rotary(blueprint, config))
 
     @classmethod
     def random(cls, blueprint: LayerBlueprint, config: PretrainedConfig, index: int, seed: int,
@@ -113,7 +108,7 @@ class FrozenLLMLayer(nn.Module):
         (linear weights ~ N(0, initializer_range), biases 0, norms 1), with a fixed seed."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            layer = instantiate_layer(blueprint, config, index, "cpu", dtype)
+            layer = instantiate_layer(blueprint, config, index, dtype)
             std = getattr(config, "initializer_range", 0.02)
             for module in layer.modules():
                 if isinstance(module, nn.Linear):

@@ -9,9 +9,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from nnunetv2_llm.llm.blueprint import layer_blueprint
+from nnunetv2_llm.llm.layer import read_layer_state_dict
 from nnunetv2_llm.model.block import LLMBottleneckBlock
 from nnunetv2_llm.model.frozen_layer import FrozenLLMLayer
-from nnunetv2_llm.llm.source import layer_blueprint, read_layer_state_dict
 from nnunetv2_llm.model.spec import BottleneckSpec
 
 

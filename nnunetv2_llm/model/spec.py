@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,10 +17,12 @@ from typing import TYPE_CHECKING
 import torch
 
 from nnunetv2_llm.common.errors import LLMSettingError, setting_names
-from nnunetv2_llm.llm.source import (
-    ENV_LAYER, ENV_SOURCE, layer_blueprint, layer_storage_dtype, load_config, one_source_parse,
-    read_layer_state_dict, resolve_layer_index, resolve_source, source_format, storage_dtype,
-)
+from nnunetv2_llm.llm.blueprint import layer_blueprint
+from nnunetv2_llm.llm.config import load_config, resolve_layer_index
+from nnunetv2_llm.llm.layer import layer_storage_dtype, read_layer_state_dict, storage_dtype
+from nnunetv2_llm.llm.readers.gguf import one_source_parse
+from nnunetv2_llm.llm.source import ENV_LAYER, ENV_SOURCE, resolve_source, source_format
+from nnunetv2_llm.model.frozen_layer import weights_dtype
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -82,7 +85,8 @@ class BottleneckSpec:
         for key in sorted(mine.keys() | theirs.keys()):
             if key == "llm_config":
                 a, b = mine.get(key, {}), theirs.get(key, {})
-                out += [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+                out += [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in sorted(a.keys() | b.keys())
+                        if a.get(k) != b.get(k)]
             elif mine.get(key) != theirs.get(key):
                 out.append(f"{key}: {_short(mine.get(key))} vs {_short(theirs.get(key))}")
         return out
@@ -128,63 +132,78 @@ class BottleneckSpec:
                                   "by another version?", "the model folder's plans.json") from None
 
 
-def make_spec(mixer: str, source: str | None = None, layer: int | str | None = None, rank: int = 64,
-              lora_rank: int = 0, lora_alpha: int = 16, seed: int = 0, source_setting: str = "--llm-source",
-              layer_setting: str = "--llm-layer", dtype: str | None = None) -> BottleneckSpec:
-    """Resolve and validate an LLM choice (reads the config and, for 'pretrained', the layer's checksum).
+@dataclass(frozen=True)
+class LLMChoice:
+    """The LLM settings a trainer or command asks for; ``make_spec`` resolves and validates them.
 
-    ``dtype`` ('float32' or 'bfloat16') stores and runs the frozen layer in that dtype; None: the dtype its
-    source stores it in (``frozen_layer.weights_dtype``).
+    mixer: 'pretrained', 'random' or 'identity' (see ``BottleneckSpec``).
+    source: a Hugging Face model folder or a ``.gguf`` file; None: ``$nnUNet_LLM_SOURCE``, else the embedded
+        default (SmolLM2-135M).
+    layer: the layer index (negative counts from the end); None: ``$nnUNet_LLM_LAYER``, else the last layer.
+    rank: rank of the low-rank projections into and out of the layer.
+    lora_rank, lora_alpha: LoRA adapters on the frozen layer's linears (rank 0: none).
+    seed: initialisation seed of the random-layer control.
+    dtype: 'float32' or 'bfloat16' to store and run the frozen layer in; None: the dtype its source stores it in
+        (``frozen_layer.weights_dtype``).
+    source_setting, layer_setting: the names errors give the source and the layer when they were passed here (the
+        command's flags); values taken from the environment are named by its variables.
+    """
 
-    Errors name the environment variables (``nnUNet_LLM_SOURCE``/``nnUNet_LLM_LAYER``) when the value came from
-    there, and ``source_setting``/``layer_setting`` (default: the ``--llm-source``/``--llm-layer`` flags) when
-    it was passed in."""
-    return make_spec_and_layer(mixer, source, layer, rank, lora_rank, lora_alpha, seed, source_setting,
-                               layer_setting, dtype)[0]
+    mixer: str
+    source: str | os.PathLike | None = None
+    layer: int | str | None = None
+    rank: int = 64
+    lora_rank: int = 0
+    lora_alpha: int = 16
+    seed: int = 0
+    dtype: str | None = None
+    source_setting: str = "--llm-source"
+    layer_setting: str = "--llm-layer"
+
+    def __post_init__(self) -> None:
+        if self.mixer not in MIXERS:
+            raise ValueError(f"mixer must be one of {MIXERS}")
+        if self.dtype not in (None, *LAYER_DTYPES):
+            raise ValueError(f"dtype must be None or one of {LAYER_DTYPES}")
+
+    def setting_aliases(self) -> dict[str, str]:
+        """Environment variable -> the setting name for the values given here (for ``setting_names``)."""
+        aliases = {}
+        if self.source not in (None, ""):
+            aliases[ENV_SOURCE] = self.source_setting
+        if self.layer not in (None, ""):
+            aliases[ENV_LAYER] = self.layer_setting
+        return aliases
 
 
-def make_spec_and_layer(mixer: str, source: str | None = None, layer: int | str | None = None, rank: int = 64,
-                        lora_rank: int = 0, lora_alpha: int = 16, seed: int = 0, source_setting: str = "--llm-source",
-                        layer_setting: str = "--llm-layer",
-                        dtype: str | None = None) -> tuple[BottleneckSpec, dict[str, torch.Tensor] | None]:
+def make_spec(choice: LLMChoice) -> BottleneckSpec:
+    """Resolve and validate an LLM choice (reads the config and, for 'pretrained', the layer's checksum)."""
+    return make_spec_and_layer(choice)[0]
+
+
+def make_spec_and_layer(choice: LLMChoice) -> tuple[BottleneckSpec, dict[str, torch.Tensor] | None]:
     """``make_spec``, also returning the layer's tensors it read, in the spec's dtype (for 'pretrained'; None
     otherwise), so that the network can be built from them (``network.reuse_layer``) instead of reading the
     source a second time."""
-    if mixer not in MIXERS:
-        raise ValueError(f"mixer must be one of {MIXERS}")
-    if dtype not in (None, *LAYER_DTYPES):
-        raise ValueError(f"dtype must be None or one of {LAYER_DTYPES}")
-    aliases = {}
-    if source not in (None, ""):
-        aliases[ENV_SOURCE] = source_setting
-    if layer not in (None, ""):
-        aliases[ENV_LAYER] = layer_setting
-    with setting_names(**aliases):
-        return _make_spec(mixer, source, layer, rank, lora_rank, lora_alpha, seed, dtype)
-
-
-def _make_spec(mixer: str, source, layer, rank: int, lora_rank: int, lora_alpha: int, seed: int,
-               dtype_name: str | None) -> tuple[BottleneckSpec, dict[str, torch.Tensor] | None]:
-    path = resolve_source(source)
-    with one_source_parse():
-        config = load_config(path)
-        index = resolve_layer_index(config, layer)
-        blueprint = layer_blueprint(config)
-        if mixer == "pretrained":
-            state = read_layer_state_dict(path, config, index, blueprint)
-            source_dtype = storage_dtype(state)
-        else:  # the controls use no pre-trained weights: only the dtype they are stored in
-            state, source_dtype = None, layer_storage_dtype(path, config, index, blueprint)
-    from nnunetv2_llm.model.frozen_layer import weights_dtype
-
-    dtype = getattr(torch, dtype_name) if dtype_name else weights_dtype(source_dtype)
+    with setting_names(**choice.setting_aliases()):
+        path = resolve_source(choice.source)
+        with one_source_parse():
+            config = load_config(path)
+            index = resolve_layer_index(config, choice.layer)
+            blueprint = layer_blueprint(config)
+            if choice.mixer == "pretrained":
+                state = read_layer_state_dict(path, config, index, blueprint)
+                source_dtype = storage_dtype(state)
+            else:  # the controls use no pre-trained weights: only the dtype they are stored in
+                state, source_dtype = None, layer_storage_dtype(path, config, index, blueprint)
+    dtype = getattr(torch, choice.dtype) if choice.dtype else weights_dtype(source_dtype)
     for key in state or ():  # into the network's dtype one tensor at a time: never a second copy of the layer
         state[key] = state[key].to(dtype)
     spec = BottleneckSpec(
-        mixer=mixer, source=str(path), source_format=source_format(path), layer=index,
+        mixer=choice.mixer, source=str(path), source_format=source_format(path), layer=index,
         model_type=config.model_type, llm_config=config.to_dict(), dtype=str(dtype).removeprefix("torch."),
-        layer_sha256=state_dict_sha256(state, dtype) if mixer == "pretrained" else "",
-        rank=rank, lora_rank=lora_rank, lora_alpha=lora_alpha, seed=seed,
+        layer_sha256=state_dict_sha256(state, dtype) if choice.mixer == "pretrained" else "",
+        rank=choice.rank, lora_rank=choice.lora_rank, lora_alpha=choice.lora_alpha, seed=choice.seed,
     )
     return spec, state
 

@@ -18,13 +18,14 @@ import os
 import re
 import shutil
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from nnunetv2_llm.common.dataset_checks import file_in_the_way, path_inside
+from nnunetv2_llm.common.dataset_checks import load_dataset_json, path_inside
 from nnunetv2_llm.common.errors import LLMSettingError
+from nnunetv2_llm.common.images import IMAGE_ENDINGS, check_image
 from nnunetv2_llm.common.nnunet_commands import dataset_folder
-from nnunetv2_llm.tools.predict_guard import IMAGE_ENDINGS, check_image
 
 DEFAULT_DATAFILE = "data_file.txt"
 FILE_ENDING = ".nii.gz"
@@ -75,6 +76,29 @@ def parse_datafile(task: Path, datafile: Path) -> list[Pair]:
     problems: list[str] = []
     seen_images: dict[Path, int] = {}
     seen_cases: dict[str, int] = {}
+    for number, line, fields in _datafile_entries(text):
+        where = f"line {number} ({line!r})"
+        resolved = _resolve_pair(task, where, fields, problems)
+        if resolved is None:
+            continue
+        image, label = resolved
+        image_name = Path(fields[0]).name
+        case = image_name[: -len(_ending(image_name))]
+        problem = _duplicate_problem(where, fields[0], image, case, seen_images, seen_cases)
+        if problem:
+            problems.append(problem)
+            continue
+        seen_images[image], seen_cases[case] = number, number
+        pairs.append(Pair(number, case, image, label, fields[0], fields[1]))
+    _raise_all(problems, f"{datafile} has problems", "the data file")
+    if not pairs:
+        raise LLMSettingError(f"{datafile} lists no image,label pairs", "the data file")
+    return pairs
+
+
+def _datafile_entries(text: str) -> Iterator[tuple[int, str, list[str]]]:
+    """(line number, stripped line, its CSV fields) of every line that is neither blank, a comment nor the header
+    (a first line naming no image file, announced on stdout)."""
     first = True
     for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
@@ -84,48 +108,45 @@ def parse_datafile(task: Path, datafile: Path) -> list[Pair]:
         while fields and not fields[-1]:
             fields.pop()  # trailing comma
         if first and not any(_ending(f) for f in fields):
-            first = False
             print(f"convert-datafile: line {number} ({line!r}) names no image file; skipped as a header")
-            continue
+        else:
+            yield number, line, fields
         first = False
-        where = f"line {number} ({line!r})"
-        if len(fields) != 2 or not all(fields):
-            problems.append(f"{where}: expected 'image,label' (two comma-separated paths), found {len(fields)} field(s)")
+
+
+def _resolve_pair(task: Path, where: str, fields: list[str], problems: list[str]) -> tuple[Path, Path] | None:
+    """The line's image and label resolved inside ``task``; None after adding what is wrong to ``problems``."""
+    if len(fields) != 2 or not all(fields):
+        problems.append(f"{where}: expected 'image,label' (two comma-separated paths), found {len(fields)} "
+                        "field(s)")
+        return None
+    resolved = []
+    for kind, value in zip(("image", "label"), fields, strict=True):
+        if _ending(value) is None:
+            problems.append(f"{where}: {kind} '{value}' is not an image file ({', '.join(IMAGE_ENDINGS)})")
             continue
-        resolved = []
-        for kind, value in zip(("image", "label"), fields):
-            if _ending(value) is None:
-                problems.append(f"{where}: {kind} '{value}' is not an image file ({', '.join(IMAGE_ENDINGS)})")
-                continue
-            path = path_inside(task, Path(value).expanduser())
-            if path is None:
-                problems.append(f"{where}: {kind} '{value}' points outside the task folder {task} "
-                                f"('..', an absolute path elsewhere, or a symlink out); entries must be inside it")
-            elif not path.is_file():
-                problems.append(f"{where}: {kind} file '{value}' does not exist (looked for {path})")
-            else:
-                resolved.append(path)
-        if len(resolved) != 2:
-            continue
-        image, label = resolved
-        image_name = Path(fields[0]).name
-        case = image_name[: -len(_ending(image_name))]
-        if not case:
-            problems.append(f"{where}: image '{fields[0]}' has no file name to use as the case name")
-            continue
-        if image in seen_images:
-            problems.append(f"{where}: image '{fields[0]}' is already listed on line {seen_images[image]}")
-            continue
-        if case in seen_cases:
-            problems.append(f"{where}: case name '{case}' (from the image file name) is already used on line "
-                            f"{seen_cases[case]}; nnU-Net needs unique case names")
-            continue
-        seen_images[image], seen_cases[case] = number, number
-        pairs.append(Pair(number, case, image, label, fields[0], fields[1]))
-    _raise_all(problems, f"{datafile} has problems", "the data file")
-    if not pairs:
-        raise LLMSettingError(f"{datafile} lists no image,label pairs", "the data file")
-    return pairs
+        path = path_inside(task, Path(value).expanduser())
+        if path is None:
+            problems.append(f"{where}: {kind} '{value}' points outside the task folder {task} "
+                            f"('..', an absolute path elsewhere, or a symlink out); entries must be inside it")
+        elif not path.is_file():
+            problems.append(f"{where}: {kind} file '{value}' does not exist (looked for {path})")
+        else:
+            resolved.append(path)
+    return (resolved[0], resolved[1]) if len(resolved) == 2 else None
+
+
+def _duplicate_problem(where: str, image_text: str, image: Path, case: str, seen_images: dict[Path, int],
+                       seen_cases: dict[str, int]) -> str | None:
+    """Why the line's case cannot be added (no case name, an image or case name listed before), else None."""
+    if not case:
+        return f"{where}: image '{image_text}' has no file name to use as the case name"
+    if image in seen_images:
+        return f"{where}: image '{image_text}' is already listed on line {seen_images[image]}"
+    if case in seen_cases:
+        return (f"{where}: case name '{case}' (from the image file name) is already used on line "
+                f"{seen_cases[case]}; nnU-Net needs unique case names")
+    return None
 
 
 def read_geometry(path: Path) -> Geometry:
@@ -148,7 +169,7 @@ def read_geometry(path: Path) -> Geometry:
 
 def check_files(pairs: list[Pair]) -> None:
     """Every image and label must read in full: SimpleITK reads a truncated file without error (the missing
-    voxels become zeros), so each is checked by ``predict_guard.check_image``; all bad files at once."""
+    voxels become zeros), so each is checked by ``images.check_image``; all bad files at once."""
     problems = []
     for pair in pairs:
         for kind, path, text in (("image", pair.image, pair.image_text), ("label", pair.label, pair.label_text)):
@@ -210,11 +231,11 @@ def label_values(pairs: list[Pair]) -> dict[int, list[int]]:
 
 
 def _task_dataset_json(task: Path) -> dict:
-    """The MSD dataset.json that usually sits next to data_file.txt (labels and modality), if readable."""
+    """The MSD dataset.json that usually sits next to data_file.txt (labels and modality); empty when there is
+    no readable one (then the labels and channels come from the flags or the files)."""
     try:
-        data = json.loads((task / "dataset.json").read_text(encoding="utf-8"))
-        return data if isinstance(data, dict) else {}
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return load_dataset_json(task)
+    except LLMSettingError:
         return {}
 
 
@@ -268,23 +289,22 @@ def resolve_channels(names: list[str] | None, channels: int, task_json: dict) ->
 
 
 def default_name(task: Path) -> str:
+    """The task folder's name without MSD's ``TaskXX_`` prefix."""
     match = re.match(r"^Task\d+_(.+)$", task.name)
     return match.group(1) if match else task.name
 
 
 def target_folder(output_root: Path, dataset_id: int, name: str, overwrite: bool,
                   inputs: tuple[Path, ...] = ()) -> Path:
-    """``output_root/DatasetXXX_Name``, checked: a valid id and name, a folder that can be created, no other
-    dataset with that id, no silent overwrite, and no overlap with ``inputs`` (``--overwrite`` deletes it)."""
+    """``output_root/DatasetXXX_Name``, checked: a valid id and name, no overlap with ``inputs`` (``--overwrite``
+    deletes it), no other dataset with that id, a folder that can be created and no silent overwrite."""
+    from nnunetv2_llm.common.outputs import OutputRule, check_output_folder
+
     if not 1 <= dataset_id <= 999:
         raise LLMSettingError(f"dataset id {dataset_id} is out of range: nnU-Net ids are 1..999", "-d")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) or ".." in name:
         raise LLMSettingError(f"dataset name '{name}' must be letters, digits, '_', '-' or '.'", "--name")
     target = output_root / f"Dataset{dataset_id:03d}_{name}"
-    blocking = file_in_the_way(target)
-    if blocking is not None:
-        raise LLMSettingError(f"cannot write {target}: {blocking} exists and is not a folder",
-                              "--output-root / nnUNet_raw")
     for path in inputs:
         path = path.resolve()
         if path_inside(path, target) or path_inside(target, path):
@@ -296,8 +316,9 @@ def target_folder(output_root: Path, dataset_id: int, name: str, overwrite: bool
     if others:
         raise LLMSettingError(f"dataset id {dataset_id} is already used by {others} in {output_root}; nnU-Net "
                               "finds datasets by id, so pick another id or remove that folder", "-d")
-    if target.exists() and not overwrite:
-        raise LLMSettingError(f"{target} already exists; pass --overwrite to replace it", "--overwrite")
+    check_output_folder(target, overwrite, OutputRule(
+        what="the dataset", setting="--output-root / nnUNet_raw", outputs=None, refusal_setting="--overwrite",
+        refusal="{folder} already exists; pass --overwrite to replace it"))
     return target
 
 
@@ -345,19 +366,7 @@ def convert_datafile(task_folder: str | os.PathLike, dataset_id: int, name: str 
                      overwrite: bool = False) -> Path:
     """Write the nnU-Net raw dataset and return its folder. Every check runs before anything is written;
     the dataset is assembled in a temporary sibling folder and moved into place at the end."""
-    task = Path(task_folder).expanduser()
-    if not task.is_dir():
-        raise LLMSettingError(f"task folder {task} does not exist or is not a folder", "-i")
-    task = task.resolve()
-    datafile_path = Path(datafile).expanduser()
-    datafile_path = datafile_path if datafile_path.is_absolute() else task / datafile_path
-    if not datafile_path.is_file():
-        raise LLMSettingError(f"data file {datafile_path} does not exist (MedVisionLlama's layout is "
-                              f"TASK/{DEFAULT_DATAFILE} with one 'image,label' pair per line)", "--datafile")
-    root_value = output_root if output_root not in (None, "") else os.environ.get("nnUNet_raw")
-    if not root_value:
-        raise LLMSettingError("no output root: pass --output-root or set nnUNet_raw", "--output-root / nnUNet_raw")
-    root = Path(root_value).expanduser().resolve()
+    task, datafile_path, root = _locations(task_folder, datafile, output_root)
     name = name or default_name(task)
     target = target_folder(root, dataset_id, name, overwrite, inputs=(task, datafile_path))
 
@@ -370,10 +379,49 @@ def convert_datafile(task_folder: str | os.PathLike, dataset_id: int, name: str 
     task_json = _task_dataset_json(task)
     label_map = resolve_labels(labels, found, task_json)
     channel_map = resolve_channels(channel_names, channels, task_json)
+    dataset_json = {
+        "channel_names": channel_map,
+        "labels": label_map,
+        "numTraining": len(pairs),
+        "file_ending": FILE_ENDING,
+        "name": name,
+        "description": f"converted by nnunetv2_llm convert-datafile from {datafile_path}",
+        "converted_from": {"task_folder": str(task), "datafile": str(datafile_path),
+                           "pairs": {p.case: [p.image_text, p.label_text] for p in pairs}},
+    }
 
     stale = preprocessed_folder(dataset_id) if target.exists() else None
-    root.mkdir(parents=True, exist_ok=True)
-    partial = root / f".{target.name}.partial-{os.getpid()}"
+    _write_dataset(target, pairs, channels, dataset_json)
+    if stale is not None:
+        print(f"convert-datafile: warning: {stale} holds nnU-Net's preprocessed data of the replaced dataset, now "
+              f"stale: re-run nnUNetv2_plan_and_preprocess -d {dataset_id} --clean --verify_dataset_integrity",
+              file=sys.stderr)
+    return target
+
+
+def _locations(task_folder: str | os.PathLike, datafile: str | os.PathLike,
+               output_root: str | os.PathLike | None) -> tuple[Path, Path, Path]:
+    """(task folder, data file, output root), resolved and checked to exist (the root: to be named)."""
+    task = Path(task_folder).expanduser()
+    if not task.is_dir():
+        raise LLMSettingError(f"task folder {task} does not exist or is not a folder", "-i")
+    task = task.resolve()
+    datafile_path = Path(datafile).expanduser()
+    datafile_path = datafile_path if datafile_path.is_absolute() else task / datafile_path
+    if not datafile_path.is_file():
+        raise LLMSettingError(f"data file {datafile_path} does not exist (MedVisionLlama's layout is "
+                              f"TASK/{DEFAULT_DATAFILE} with one 'image,label' pair per line)", "--datafile")
+    root_value = output_root if output_root not in (None, "") else os.environ.get("nnUNet_raw")
+    if not root_value:
+        raise LLMSettingError("no output root: pass --output-root or set nnUNet_raw", "--output-root / nnUNet_raw")
+    return task, datafile_path, Path(root_value).expanduser().resolve()
+
+
+def _write_dataset(target: Path, pairs: list[Pair], channels: int, dataset_json: dict) -> None:
+    """imagesTr/, labelsTr/ and dataset.json, written into a temporary sibling of ``target`` that replaces it only
+    when complete (``target`` exists here only with --overwrite)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.parent / f".{target.name}.partial-{os.getpid()}"
     if partial.exists():
         shutil.rmtree(partial)
     try:
@@ -382,28 +430,13 @@ def convert_datafile(task_folder: str | os.PathLike, dataset_id: int, name: str 
         for pair in pairs:
             _write_image(pair.image, pair.case, partial / "imagesTr", channels)
             _write_label(pair.label, pair.case, partial / "labelsTr")
-        dataset_json = {
-            "channel_names": channel_map,
-            "labels": label_map,
-            "numTraining": len(pairs),
-            "file_ending": FILE_ENDING,
-            "name": name,
-            "description": f"converted by nnunetv2_llm convert-datafile from {datafile_path}",
-            "converted_from": {"task_folder": str(task), "datafile": str(datafile_path),
-                               "pairs": {p.case: [p.image_text, p.label_text] for p in pairs}},
-        }
         (partial / "dataset.json").write_text(json.dumps(dataset_json, indent=2) + "\n", encoding="utf-8")
-        if target.exists():  # only reached with --overwrite
+        if target.exists():
             shutil.rmtree(target)
         partial.rename(target)
     finally:
         if partial.exists():
             shutil.rmtree(partial, ignore_errors=True)
-    if stale is not None:
-        print(f"convert-datafile: warning: {stale} holds nnU-Net's preprocessed data of the replaced dataset, now "
-              f"stale: re-run nnUNetv2_plan_and_preprocess -d {dataset_id} --clean --verify_dataset_integrity",
-              file=sys.stderr)
-    return target
 
 
 def preprocessed_folder(dataset_id: int) -> Path | None:
@@ -431,7 +464,7 @@ def main(args: argparse.Namespace) -> int:
     target = convert_datafile(args.input, args.dataset_id, name=args.name, datafile=args.datafile,
                               labels=_split_names(args.labels), channel_names=_split_names(args.channel_names),
                               output_root=args.output_root, overwrite=args.overwrite)
-    data = json.loads((target / "dataset.json").read_text())
+    data = load_dataset_json(target)
     print(f"wrote {data['numTraining']} case(s) to {target}")
     print(f"  channels: {data['channel_names']}  labels: {data['labels']}")
     print(f"next: nnUNetv2_plan_and_preprocess -d {args.dataset_id} --verify_dataset_integrity")

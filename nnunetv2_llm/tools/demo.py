@@ -13,8 +13,16 @@ from pathlib import Path
 from nnunetv2_llm.common.environment import NNUNET_FOLDERS
 from nnunetv2_llm.common.errors import setting_names
 from nnunetv2_llm.common.nnunet_commands import (
-    FIXTURE, check_device, check_trainer_names, check_training_request, demo_env, ensure_preprocessed,
-    ensure_raw_from_msd, ensure_trained, run, trainer_fold_dir,
+    FIXTURE,
+    check_device,
+    check_trainer_names,
+    check_training_request,
+    demo_env,
+    ensure_preprocessed,
+    ensure_raw_from_msd,
+    ensure_trained,
+    run,
+    trainer_fold_dir,
 )
 
 DATASET_ID = 4

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from nnunetv2_llm.common.environment import NNUNET_FOLDERS, TRAINERS_DIR, export_lines, ext_trainer_value
+from nnunetv2_llm.common.environment import NNUNET_FOLDERS, TRAINER_LOOKUP_DIR, export_lines, ext_trainer_value
 from nnunetv2_llm.llm.source import ENV_LAYER, ENV_SOURCE
 
 
@@ -17,9 +17,9 @@ def print_info(llm_source: str | None = None, llm_layer: str | None = None, expo
     if exports:
         print(export_lines())
         return 0
-    from nnunetv2_llm.model.spec import make_spec
+    from nnunetv2_llm.model.spec import LLMChoice, make_spec
 
-    spec = make_spec("pretrained", source=llm_source, layer=llm_layer)
+    spec = make_spec(LLMChoice("pretrained", source=llm_source, layer=llm_layer))
     print(f"LLM source:  {spec.source} ({spec.source_format}; from "
           f"{'--llm-source' if llm_source else ENV_SOURCE if os.environ.get(ENV_SOURCE) else 'embedded default'})")
     print(f"LLM layer:   {spec.layer} of {spec.llm_config['num_hidden_layers']} "
@@ -28,16 +28,15 @@ def print_info(llm_source: str | None = None, llm_layer: str | None = None, expo
     print(f"layer sha256: {spec.layer_sha256}")
 
     missing = []
-    if not TRAINERS_DIR.is_dir():
-        missing.append(f"trainers folder {TRAINERS_DIR} (install the repo with `pip install -e .`)")
-    elif str(TRAINERS_DIR) not in os.environ.get("nnUNet_extTrainer", "").split(os.pathsep):
-        missing.append(f"nnUNet_extTrainer does not include {TRAINERS_DIR}: "
+    if str(TRAINER_LOOKUP_DIR) not in os.environ.get("nnUNet_extTrainer", "").split(os.pathsep):
+        missing.append(f"nnUNet_extTrainer does not include {TRAINER_LOOKUP_DIR}: "
                        f"export nnUNet_extTrainer='{ext_trainer_value()}'")
     missing += [f"{name} is not set" for name in NNUNET_FOLDERS if not os.environ.get(name)]
     print("nnUNet_extTrainer: " + os.environ.get("nnUNet_extTrainer", "(not set)"))
     if missing:
         print("missing:\n  - " + "\n  - ".join(missing))
-        print("`eval \"$(nnunetv2_llm info --exports)\"` sets the trainers folder and any nnU-Net folder already known.")
+        print("`eval \"$(nnunetv2_llm info --exports)\"` sets the trainers folder and any nnU-Net folder already "
+              "known.")
     else:
         print("missing:     nothing")
     return 0

@@ -14,19 +14,19 @@ Exit codes: 0 done, 2 bad input or settings (one line on stderr), 1 nnUNetv2_pre
 from __future__ import annotations
 
 import argparse
-import gzip
-import json
-import math
 import os
 import re
-import struct
-import zlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from nnunetv2_llm.common.dataset_checks import load_dataset_json
 from nnunetv2_llm.common.errors import LLMSettingError
+from nnunetv2_llm.common.images import IMAGE_ENDINGS, check_image
 
-# The file endings of nnU-Net's image readers (SimpleITK, nibabel, tiff, 2-D natural images, blosc2).
-IMAGE_ENDINGS = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr", ".tif", ".tiff", ".png", ".bmp", ".b2nd")
+if TYPE_CHECKING:  # torch is imported where it is used: the command line starts without it
+    import torch
+
+    from nnunetv2_llm.model.spec import BottleneckSpec
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,13 +58,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------- inputs
-def file_ending_of(folder: Path, model_folder: Path | None) -> str:
-    """The image file ending: the trained dataset's (model folder's dataset.json), else the inputs' own."""
-    if model_folder is not None and (model_folder / "dataset.json").is_file():
-        try:
-            return json.loads((model_folder / "dataset.json").read_text())["file_ending"]
-        except (OSError, ValueError, KeyError):
-            pass
+def trained_dataset_json(model_folder: Path | None) -> dict:
+    """The model folder's dataset.json (the trained dataset's); empty when there is no readable one, so that the
+    input checks fall back to what the inputs show and the model's own error comes after them."""
+    if model_folder is None or not (model_folder / "dataset.json").is_file():
+        return {}
+    try:
+        return load_dataset_json(model_folder)
+    except LLMSettingError:
+        return {}
+
+
+def file_ending_of(folder: Path, dataset_json: dict) -> str:
+    """The image file ending: the trained dataset's (``dataset_json``), else the inputs' own."""
+    if "file_ending" in dataset_json:
+        return dataset_json["file_ending"]
     names = [p.name for p in folder.iterdir() if p.is_file()]
     for ending in IMAGE_ENDINGS:
         if any(n.endswith(ending) for n in names):
@@ -72,86 +80,9 @@ def file_ending_of(folder: Path, model_folder: Path | None) -> str:
     return ".nii.gz"
 
 
-def nifti_problem(path: Path) -> str | None:
-    """Checks SimpleITK does not make for NIfTI-1 files: it reads a half-truncated .nii.gz without complaint
-    (missing voxels become zeros), ignores sizeof_hdr and the magic, and turns a zero or NaN pixdim into spacing
-    1.0. Here: the gzip stream must be complete, the header consistent, and the voxel data as long as it says."""
-    opener = gzip.open if path.name.endswith(".gz") else open
-    try:
-        with opener(path, "rb") as f:
-            header = f.read(352)
-            total = len(header)
-            while chunk := f.read(1 << 20):
-                total += len(chunk)
-    except (EOFError, OSError, zlib.error) as e:
-        return f"truncated or corrupt {'gzip stream' if opener is gzip.open else 'file'} ({e})"
-    if len(header) < 348:
-        return f"file too short for a NIfTI header ({len(header)} bytes)"
-    for endian in "<>":
-        if struct.unpack(f"{endian}i", header[:4])[0] == 348:
-            break
-    else:
-        if struct.unpack("<i", header[:4])[0] == 540 or struct.unpack(">i", header[:4])[0] == 540:
-            return None  # NIfTI-2: left to SimpleITK
-        return f"broken NIfTI header: sizeof_hdr is {struct.unpack('<i', header[:4])[0]}, not 348"
-    if header[344:348] not in (b"n+1\x00", b"ni1\x00"):
-        return f"broken NIfTI header: magic {header[344:348]!r} is not 'n+1' or 'ni1'"
-    dim = struct.unpack(f"{endian}8h", header[40:56])
-    bitpix = struct.unpack(f"{endian}h", header[72:74])[0]
-    pixdim = struct.unpack(f"{endian}8f", header[76:108])
-    vox_offset = struct.unpack(f"{endian}f", header[108:112])[0]
-    if not 1 <= dim[0] <= 7 or any(d < 1 for d in dim[1:dim[0] + 1]):
-        return f"broken NIfTI header: dim {dim}"
-    spatial = pixdim[1:min(dim[0], 3) + 1]
-    if any(not math.isfinite(p) or p == 0 for p in spatial):
-        return f"broken NIfTI header: voxel spacing (pixdim) {spatial} has zero or non-finite values"
-    if header[344:348] == b"n+1\x00" and bitpix > 0 and math.isfinite(vox_offset):
-        expected = int(vox_offset) + math.prod(dim[1:dim[0] + 1]) * bitpix // 8
-        if total < expected:
-            return f"truncated: {total} bytes, the header promises {expected}"
-    return None
-
-
-def check_image(path: Path) -> str | None:
-    """Why ``path`` is not a readable image (None when it is): NIfTI files get the checks of ``nifti_problem``;
-    then SimpleITK reads the header, the geometry is checked, and the voxels are read."""
-    import SimpleITK as sitk
-
-    sitk.ProcessObject_SetGlobalWarningDisplay(False)  # e.g. "Analyze file is deprecated" on stderr
-    if path.name.endswith((".nii", ".nii.gz")):
-        problem = nifti_problem(path)
-        if problem:
-            return problem
-
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError as e:
-        return f"unreadable header ({_itk_reason(e)})"
-    size, spacing = reader.GetSize(), reader.GetSpacing()
-    if not size or any(s <= 0 for s in size):
-        return f"empty image (size {size})"
-    if any(not math.isfinite(s) or s <= 0 for s in spacing):
-        return f"invalid voxel spacing {spacing} in the header"
-    if any(not math.isfinite(v) for v in (*reader.GetOrigin(), *reader.GetDirection())):
-        return "non-finite origin or direction in the header"
-    try:
-        reader.Execute()
-    except RuntimeError as e:
-        return f"header is fine but the voxel data cannot be read (truncated file?): {_itk_reason(e)}"
-    return None
-
-
-def _itk_reason(error: Exception) -> str:
-    """ITK's exception text spans lines with file/line noise: keep its description."""
-    text = " ".join(str(error).split())
-    match = re.search(r"(?:Description|description):\s*(.*)", text)
-    text = match.group(1) if match else text
-    return text if len(text) <= 200 else text[:197] + "..."
-
-
 def check_inputs(folder: Path, ending: str, num_channels: int | None) -> list[Path]:
+    """The input images, after checking their names (``CASE_XXXX<ending>``), each case's channels (when the model's
+    count is known) and that every image reads in full."""
     if not folder.is_dir():
         raise LLMSettingError(f"input folder '{folder}' does not exist", "-i")
     images = sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(ending))
@@ -178,18 +109,18 @@ def check_inputs(folder: Path, ending: str, num_channels: int | None) -> list[Pa
 
 
 def check_output(output: Path, inputs: Path, ending: str, overwrite: bool, continue_prediction: bool) -> None:
+    """Refuse the input folder, a model or dataset folder, a path under a file, and earlier predictions unless
+    ``--overwrite`` or ``--continue_prediction``."""
+    from nnunetv2_llm.common.outputs import OutputRule, check_output_folder
+
     if output.resolve() == inputs.resolve():
         raise LLMSettingError("the output folder is the input folder; predictions would be mixed with the images",
                               "-o")
-    if output.exists() and not output.is_dir():
-        raise LLMSettingError(f"output '{output}' exists and is not a folder", "-o")
     check_not_a_dataset_or_model(output)
-    existing = sorted(p.name for p in output.glob(f"*{ending}")) if output.is_dir() else []
-    if existing and not (overwrite or continue_prediction):
-        shown = ", ".join(existing[:3]) + (", ..." if len(existing) > 3 else "")
-        raise LLMSettingError(f"output folder '{output}' already holds {len(existing)} prediction(s) ({shown}); "
-                              "pass --overwrite to replace them or --continue_prediction to predict only the "
-                              "missing cases", "-o")
+    check_output_folder(output, overwrite or continue_prediction, OutputRule(
+        what="predictions", setting="-o", outputs=(f"*{ending}",), refusal_setting="-o",
+        refusal="output folder '{folder}' already holds {count} prediction(s) ({shown}); pass --overwrite to "
+                "replace them or --continue_prediction to predict only the missing cases"))
 
 
 def check_not_a_dataset_or_model(output: Path) -> None:
@@ -206,18 +137,16 @@ def check_not_a_dataset_or_model(output: Path) -> None:
 
 # ------------------------------------------------------------------------------------------------------ model
 def model_folder_of(dataset: str, trainer: str, plans: str, configuration: str) -> Path:
-    from nnunetv2.utilities.file_path_utilities import convert_trainer_plans_config_to_identifier
-
-    from nnunetv2_llm.common.nnunet_commands import dataset_folder, nnunet_dataset_id
+    """The trained model's folder under ``$nnUNet_results``, holding plans.json and dataset.json."""
+    from nnunetv2_llm.common.nnunet_commands import nnunet_dataset_id, trainer_folder
 
     results = os.environ.get("nnUNet_results")
     if not results:
         raise LLMSettingError("nnUNet_results is not set: nnU-Net finds trained models there", "nnUNet_results")
     number = nnunet_dataset_id(dataset)
-    dataset_results = dataset_folder(results, number)
-    if dataset_results is None:
+    folder = trainer_folder(results, number, trainer, plans, configuration)
+    if folder is None:
         raise LLMSettingError(f"no trained dataset {number} in nnUNet_results ({results})", "-d")
-    folder = dataset_results / convert_trainer_plans_config_to_identifier(trainer, plans, configuration)
     if not folder.is_dir():
         raise LLMSettingError(f"no trained model at '{folder}'", "-tr / -p / -c")
     if not (folder / "plans.json").is_file() or not (folder / "dataset.json").is_file():
@@ -227,14 +156,10 @@ def model_folder_of(dataset: str, trainer: str, plans: str, configuration: str) 
 
 def check_model(folder: Path, folds: list[str], checkpoint_name: str) -> None:
     """Each fold's checkpoint exists, is safely readable, and fits the plans' LLM block."""
-    from nnunetv2_llm.model.spec import FROZEN_PREFIX, PLANS_KEY, BottleneckSpec, frozen_layer_sha256
-    from nnunetv2_llm.trainers.reliability import CheckpointUnreadable, load_checkpoint_file
+    from nnunetv2_llm.model.spec import BottleneckSpec
+    from nnunetv2_llm.trainers.reliability.checkpoint_io import CheckpointUnreadable, load_checkpoint_file
 
-    try:
-        plans = json.loads((folder / "plans.json").read_text())
-    except (OSError, ValueError) as e:
-        raise LLMSettingError(f"'{folder / 'plans.json'}' is unreadable ({e})", "the model folder's plans.json") from None
-    spec = BottleneckSpec.from_plans(plans) if PLANS_KEY in plans else None
+    spec = BottleneckSpec.from_model_folder(folder, required=False)
     for fold in folds:
         path = folder / f"fold_{fold}" / checkpoint_name
         if not path.is_file():
@@ -245,23 +170,27 @@ def check_model(folder: Path, folds: list[str], checkpoint_name: str) -> None:
         except CheckpointUnreadable as e:
             raise LLMSettingError(f"checkpoint '{path}' cannot be used: {e.reason}",
                                   "nnUNet_LLM_ALLOW_PICKLE" if e.security else "-chk") from None
-        if spec is None:
-            continue
-        weights = checkpoint["network_weights"]
-        proj = weights.get("bottleneck.proj_in.up.weight")
-        if proj is None:
-            raise LLMSettingError(f"'{path}' has no LLM bottleneck block, but plans.json describes one",
-                                  "the model folder's plans.json")
-        if proj.shape[0] != spec.width:
-            raise LLMSettingError(f"'{path}' was trained with an LLM of hidden size {proj.shape[0]}, the model folder's "
-                                  f"plans.json describes hidden size {spec.width} (plans.json from another model?)",
-                                  "the model folder's plans.json")
-        if spec.mixer == "pretrained" and spec.layer_sha256:
-            found = frozen_layer_sha256(weights, spec.dtype, FROZEN_PREFIX)
-            if found != spec.layer_sha256:
-                raise LLMSettingError(f"the frozen LLM layer in '{path}' differs from the one plans.json describes "
-                                      f"(sha256 {found[:12]} vs {spec.layer_sha256[:12]}): the checkpoint or plans.json "
-                                      "comes from another model", "the model folder's plans.json")
+        if spec is not None:
+            check_checkpoint_fits(path, checkpoint["network_weights"], spec)
+
+
+def check_checkpoint_fits(path: Path, weights: dict[str, torch.Tensor], spec: BottleneckSpec) -> None:
+    """The checkpoint's network weights (``weights``, read from ``path``) hold the LLM block that ``spec`` (the
+    model folder's plans.json) describes: the same LLM width and the same frozen layer."""
+    from nnunetv2_llm.model.spec import frozen_layer_differs
+
+    where = "the model folder's plans.json"
+    proj = weights.get("bottleneck.proj_in.up.weight")  # (width, rank): its rows are the LLM's hidden size
+    if proj is None:
+        raise LLMSettingError(f"'{path}' has no LLM bottleneck block, but plans.json describes one", where)
+    if proj.shape[0] != spec.width:
+        raise LLMSettingError(f"'{path}' was trained with an LLM of hidden size {proj.shape[0]}, the model folder's "
+                              f"plans.json describes hidden size {spec.width} (plans.json from another model?)", where)
+    found = frozen_layer_differs(weights, spec)
+    if found is not None:
+        raise LLMSettingError(f"the frozen LLM layer in '{path}' differs from the one plans.json describes "
+                              f"(sha256 {found[:12]} vs {spec.layer_sha256[:12]}): the checkpoint or plans.json "
+                              "comes from another model", where)
 
 
 # ------------------------------------------------------------------------------------------------------- main
@@ -281,6 +210,8 @@ def check_run_options(args: argparse.Namespace) -> None:
 
 
 def predict(args: argparse.Namespace) -> int:
+    """Check the run options, the inputs, the output folder and the model, in that order, then run
+    nnUNetv2_predict; a missing model is reported after the input and output checks."""
     from nnunetv2_llm.common.environment import nnunet_env
     from nnunetv2_llm.common.nnunet_commands import run
 
@@ -293,43 +224,41 @@ def predict(args: argparse.Namespace) -> int:
         model, model_error = None, e
     if not inputs.is_dir():
         raise LLMSettingError(f"input folder '{inputs}' does not exist", "-i")
-    ending = file_ending_of(inputs, model)
-    num_channels = None
-    if model is not None:
-        try:
-            num_channels = len(json.loads((model / "dataset.json").read_text())["channel_names"])
-        except (OSError, ValueError, KeyError, TypeError):
-            num_channels = None
-    images = check_inputs(inputs, ending, num_channels)
+    dataset_json = trained_dataset_json(model)
+    ending = file_ending_of(inputs, dataset_json)
+    images = check_inputs(inputs, ending, channel_count(dataset_json))
     check_output(output, inputs, ending, args.overwrite, args.continue_prediction)
     if model_error is not None:
         raise model_error
     check_model(model, [str(f) for f in args.f], args.chk)
     print(f"nnunetv2_llm predict: {len(images)} input image(s) and {len(args.f)} fold checkpoint(s) checked",
           flush=True)
-    # the resolved folder name: nnU-Net takes any 'Dataset...' text (Dataset004, a typo) as a literal folder name
-    command = ["nnUNetv2_predict", "-i", str(inputs), "-o", str(output), "-d", model.parent.name, "-c", args.c,
+    run(nnunet_predict_command(args, inputs, output, model.parent.name), nnunet_env())
+    return 0
+
+
+def channel_count(dataset_json: dict) -> int | None:
+    """How many channels the trained dataset has; None when its dataset.json does not say."""
+    try:
+        return len(dataset_json["channel_names"])
+    except (KeyError, TypeError):
+        return None
+
+
+def nnunet_predict_command(args: argparse.Namespace, inputs: Path, output: Path, dataset_name: str) -> list[str]:
+    """nnUNetv2_predict's command line for ``args``, with the dataset folder's real name (nnU-Net takes any
+    'Dataset...' text, such as Dataset004 or a typo, as a literal folder name)."""
+    command = ["nnUNetv2_predict", "-i", str(inputs), "-o", str(output), "-d", dataset_name, "-c", args.c,
                "-f", *[str(f) for f in args.f], "-tr", args.tr, "-p", args.p, "-chk", args.chk, "-device", args.device]
-    if args.npp is not None:
-        command += ["-npp", str(args.npp)]
-    if args.nps is not None:
-        command += ["-nps", str(args.nps)]
-    if args.step_size is not None:
-        command += ["-step_size", str(args.step_size)]
+    for flag, value in (("-npp", args.npp), ("-nps", args.nps), ("-step_size", args.step_size)):
+        if value is not None:
+            command += [flag, str(value)]
     if args.prev_stage_predictions is not None:
         command += ["-prev_stage_predictions", str(Path(args.prev_stage_predictions).expanduser())]
     if args.num_parts != 1:
         command += ["-num_parts", str(args.num_parts), "-part_id", str(args.part_id)]
-    if args.disable_tta:
-        command.append("--disable_tta")
-    if args.disable_progress_bar:
-        command.append("--disable_progress_bar")
-    if args.save_probabilities:
-        command.append("--save_probabilities")
-    if args.continue_prediction:
-        command.append("--continue_prediction")
-    run(command, nnunet_env())
-    return 0
+    switches = ("disable_tta", "disable_progress_bar", "save_probabilities", "continue_prediction")
+    return command + [f"--{name}" for name in switches if getattr(args, name)]
 
 
 def main(args: argparse.Namespace) -> int:

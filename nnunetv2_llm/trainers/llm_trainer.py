@@ -1,9 +1,11 @@
-"""nnUNetTrainerLLM and its controls: nnU-Net's trainer with the LLM bottleneck block in the planned network."""
+"""nnUNetTrainerLLM: nnU-Net's trainer with the LLM bottleneck block in the planned network (its controls and
+other variants: ``nnunetv2_llm.trainers.variants``)."""
 
 from __future__ import annotations
 
+import os
+
 import torch
-from batchgenerators.utilities.file_and_folder_operations import isfile, join, load_json
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
@@ -11,10 +13,18 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from torch import nn
 
 from nnunetv2_llm.common.errors import LLMSettingError, exit_on_setting_error
-from nnunetv2_llm.model.network import build_llm_unet, reuse_layer
-from nnunetv2_llm.model.spec import FROZEN_PREFIX, PLANS_KEY, BottleneckSpec, frozen_layer_sha256, make_spec_and_layer
-from nnunetv2_llm.model.network import unwrap_network
-from nnunetv2_llm.trainers.reliability import ReliabilityMixin, raise_setting_error
+from nnunetv2_llm.model.network import build_llm_unet, reuse_layer, unwrap_network
+from nnunetv2_llm.model.spec import (
+    FROZEN_PREFIX,
+    PLANS_FILE,
+    BottleneckSpec,
+    LLMChoice,
+    frozen_layer_differs,
+    frozen_layer_sha256,
+    make_spec_and_layer,
+)
+from nnunetv2_llm.trainers.reliability import ReliabilityMixin
+from nnunetv2_llm.trainers.reliability.exits import raise_setting_error
 
 
 class nnUNetTrainerLLM(ReliabilityMixin, nnUNetTrainer):
@@ -22,7 +32,7 @@ class nnUNetTrainerLLM(ReliabilityMixin, nnUNetTrainer):
     last layer of the embedded SmolLM2-135M) at the bottleneck of nnU-Net's planned network.
 
     Reliability (atomic checkpoints every epoch, checked resume, NaN guard, SIGTERM, ``nnUNet_LLM_SEED``):
-    see ``nnunetv2_llm.trainers.reliability``."""
+    see ``nnunetv2_llm.trainers.reliability``. The class attributes below are what its variants change."""
 
     llm_mixer = "pretrained"
     llm_rank = 64
@@ -31,11 +41,11 @@ class nnUNetTrainerLLM(ReliabilityMixin, nnUNetTrainer):
     frozen_prefix = FROZEN_PREFIX
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
+                 device: torch.device = torch.device("cuda")):  # noqa: B008 (nnU-Net's signature)
         super().__init__(plans, configuration, fold, dataset_json, device)
         with exit_on_setting_error():
-            spec, layer_read = make_spec_and_layer(self.llm_mixer, rank=self.llm_rank, lora_rank=self.llm_lora_rank,
-                                                   dtype=self.llm_dtype)
+            spec, layer_read = make_spec_and_layer(LLMChoice(self.llm_mixer, rank=self.llm_rank,
+                                                             lora_rank=self.llm_lora_rank, dtype=self.llm_dtype))
             self._check_model_folder(spec)
         self.llm_spec = spec
         self._layer_read = layer_read  # handed to the network build in initialize(), then dropped
@@ -64,7 +74,8 @@ class nnUNetTrainerLLM(ReliabilityMixin, nnUNetTrainer):
         a run would then train on another layer than configured (or a random control on a pre-trained one)."""
         if not self.was_initialized:
             self.initialize()
-        if self._frozen_layer_sha256() != self._built_layer_sha256:
+        network_state = unwrap_network(self.network).state_dict()
+        if frozen_layer_differs(network_state, self.llm_spec, self._built_layer_sha256, self.frozen_prefix):
             raise_setting_error(
                 f"the frozen LLM layer was replaced after the network was built (by -pretrained_weights?), so this run "
                 f"would not train with layer {self.llm_spec.layer} of {self.llm_spec.source} ({self.llm_spec.mixer}). "
@@ -74,18 +85,21 @@ class nnUNetTrainerLLM(ReliabilityMixin, nnUNetTrainer):
 
     def _check_model_folder(self, spec: BottleneckSpec) -> None:
         """Refuse to mix LLM choices in one model folder (other folds, or a `--c` resume)."""
-        saved_plans = join(self.output_folder_base, "plans.json") if self.output_folder_base else None
-        if not saved_plans or not isfile(saved_plans):
+        if not self.output_folder_base or not os.path.isfile(os.path.join(self.output_folder_base, PLANS_FILE)):
             return
         try:
-            saved = load_json(saved_plans).get(PLANS_KEY)
-        except (OSError, ValueError) as e:  # a truncated plans.json (nnU-Net rewrites it when training starts)
-            self.print_to_log_file(f"nnunetv2_llm: WARNING: {saved_plans} is unreadable ({e}); it is rewritten when "
-                                   "training starts, and a resumed checkpoint is still checked against the LLM layer")
+            saved_spec = BottleneckSpec.from_model_folder(self.output_folder_base, required=False)
+        except LLMSettingError as e:
+            unreadable = e.__context__  # the read's error; a malformed block (TypeError) stays an error
+            if not isinstance(unreadable, (OSError, ValueError)):
+                raise
+            # a truncated plans.json: nnU-Net rewrites it when training starts
+            self.print_to_log_file(f"nnunetv2_llm: WARNING: {os.path.join(self.output_folder_base, PLANS_FILE)} is "
+                                   f"unreadable ({unreadable}); it is rewritten when training starts, and a resumed "
+                                   "checkpoint is still checked against the LLM layer")
             return
-        if saved is None:
+        if saved_spec is None:
             return
-        saved_spec = BottleneckSpec.from_plans({PLANS_KEY: saved})
         differences = saved_spec.differences(spec)
         if differences:
             hidden = [d for d in differences if d.startswith("hidden_size:")]
@@ -124,34 +138,3 @@ class nnUNetTrainerLLM(ReliabilityMixin, nnUNetTrainer):
                                     momentum=0.99, nesterov=True)
         return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
 
-
-class nnUNetTrainerLLMNoLLM(nnUNetTrainerLLM):
-    """Control: the same wrapper and projections, the LLM layer replaced by the identity."""
-
-    llm_mixer = "identity"
-
-
-class nnUNetTrainerLLMRandom(nnUNetTrainerLLM):
-    """Control: the same layer architecture, randomly initialised (fixed seed) and frozen."""
-
-    llm_mixer = "random"
-
-
-class nnUNetTrainerLLM_LoRA(nnUNetTrainerLLM):
-    """The frozen pre-trained layer with trainable peft LoRA adapters (rank 8) on its linear layers."""
-
-    llm_lora_rank = 8
-
-
-class nnUNetTrainerLLM_bf16(nnUNetTrainerLLM):
-    """The frozen pre-trained layer stored and run in bfloat16 whatever its source's dtype: half the bytes, and
-    faster products on hardware with bf16 units. A float32 or de-quantised GGUF layer is rounded to bfloat16 (the
-    dtype most LLMs are published in); compare it with ``nnUNetTrainerLLMRandom_bf16``."""
-
-    llm_dtype = "bfloat16"
-
-
-class nnUNetTrainerLLMRandom_bf16(nnUNetTrainerLLMRandom):
-    """Control for ``nnUNetTrainerLLM_bf16``: the random frozen layer, in bfloat16."""
-
-    llm_dtype = "bfloat16"

@@ -1,51 +1,63 @@
-"""Per-case, per-class segmentation metrics in physical units: Dice, NSD and HD95.
+"""Dice, NSD and HD95 of one case, per label, with the conventions that keep every case in the means.
 
-The distance metrics come from MONAI (``monai.metrics.compute_surface_dice`` and
-``compute_hausdorff_distance``) rather than hand-written code: they are maintained and tested
-upstream, take the voxel spacing (``spacing=``) so distances are in mm even for anisotropic
-images, and extract surfaces as the boundary voxels of each mask (mask minus its binary
-erosion) with exact Euclidean nearest-boundary distances. Dice uses ``compute_dice``.
-
-Empty masks (MONAI returns NaN or inf there) follow a MetricsReloaded-style convention so every
-case stays in the means and no value is ever NaN:
+Empty masks (MONAI returns NaN or inf there) follow a MetricsReloaded-style convention, so no value is NaN:
 
 * reference and prediction both empty: Dice 1, NSD 1, HD95 0 (a correct "absent" call);
 * exactly one of them empty: Dice 0, NSD 0, HD95 = the image diagonal in mm,
   ``sqrt(sum((shape_i * spacing_i) ** 2))`` -- the largest distance possible inside the image,
   i.e. a finite worst case instead of inf.
 
-NSD tolerance: the default 1.0 mm is a common challenge default (e.g. FLARE), roughly one voxel
-at the ~1 mm in-plane resolution of typical CT/MR, so it accepts a one-voxel boundary
-disagreement and nothing more. Ideally the tolerance is the inter-rater variability of each
-structure (Nikolov et al. 2021, Metrics Reloaded); pass a per-label mapping when that is known.
-Note that with thick slices (e.g. 3 mm) a one-slice shift exceeds 1 mm.
-
 Single-slice volumes: 2D data is often stored as a 1xHxW volume (and nnU-Net's SimpleITK reader gives a 2D
 image a fake first axis with spacing 999 x the largest spacing). A 3D binary erosion treats every voxel of
 such a volume as surface, and the fake axis would dominate the image diagonal, so axes of length 1 are dropped
 together with their spacing (down to two axes) before anything is computed: the case is measured as the 2D
 image it is.
+
+NSD tolerance: the default 1.0 mm is a common challenge default (e.g. FLARE), roughly one voxel
+at the ~1 mm in-plane resolution of typical CT/MR, so it accepts a one-voxel boundary
+disagreement and nothing more. Ideally the tolerance is the inter-rater variability of each
+structure (Nikolov et al. 2021, Metrics Reloaded); pass a per-label mapping when that is known.
+Note that with thick slices (e.g. 3 mm) a one-slice shift exceeds 1 mm.
 """
 
-import warnings
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-import torch
-from monai.metrics import compute_dice, compute_hausdorff_distance, compute_surface_dice
+
+from nnunetv2_llm.evaluation.metrics.dice import dice
+from nnunetv2_llm.evaluation.metrics.hausdorff import hausdorff95
+from nnunetv2_llm.evaluation.metrics.surface_dice import surface_dice
 
 DEFAULT_NSD_TOLERANCE_MM = 1.0
 
 
 def image_diagonal_mm(shape: Sequence[int], spacing: Sequence[float]) -> float:
-    """Length of the image diagonal in mm; ``shape`` and ``spacing`` in the same axis order."""
+    """Length of the image diagonal in mm.
+
+    Args:
+        shape: the image's size per axis.
+        spacing: voxel size in mm per axis, in the same axis order.
+
+    Returns:
+        ``sqrt(sum((shape_i * spacing_i) ** 2))``.
+    """
     return float(np.sqrt(np.sum((np.asarray(shape, float) * np.asarray(spacing, float)) ** 2)))
 
 
 def binary_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], nsd_tolerance_mm: float) -> dict:
-    """Dice, NSD and HD95 (mm) of two boolean masks of identical 2D or 3D shape (length-1 axes dropped).
+    """Dice, NSD and HD95 of two boolean masks, with the module's empty-mask and single-slice conventions.
 
-    Returns ``{dice, nsd, hd95, ref_empty, pred_empty}`` following the module's empty-mask convention.
+    Args:
+        pred: predicted mask, shape ``(d0, d1[, d2])``; axes of length 1 are dropped (down to two axes).
+        ref: reference mask, same shape.
+        spacing: voxel size in mm per axis, in the arrays' axis order.
+        nsd_tolerance_mm: NSD tolerance in mm.
+
+    Returns:
+        ``{dice, nsd, hd95, ref_empty, pred_empty}``; HD95 in mm.
+
+    Raises:
+        ValueError: the masks' shapes differ, or ``spacing`` has not one value per axis.
     """
     if pred.shape != ref.shape or len(spacing) != ref.ndim:
         raise ValueError(f"shape mismatch: pred {pred.shape}, ref {ref.shape}, spacing {tuple(spacing)}")
@@ -56,25 +68,8 @@ def binary_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], 
         return {"dice": 1.0, "nsd": 1.0, "hd95": 0.0, **out}
     if ref_empty or pred_empty:
         return {"dice": 0.0, "nsd": 0.0, "hd95": image_diagonal_mm(ref.shape, spacing), **out}
-
-    # MONAI wants batch-first, channel-first tensors: [B=1, C=1, *spatial].
-    p = torch.from_numpy(np.ascontiguousarray(pred, dtype=np.float32))[None, None]
-    r = torch.from_numpy(np.ascontiguousarray(ref, dtype=np.float32))[None, None]
-    with warnings.catch_warnings():  # MONAI 1.5+ warns about its own internal use of a deprecated argument
-        warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*", category=FutureWarning)
-        dice = compute_dice(p, r, include_background=True, ignore_empty=False)
-        nsd = compute_surface_dice(p, r, [float(nsd_tolerance_mm)], include_background=True, spacing=spacing)
-        hd95 = compute_hausdorff_distance(p, r, include_background=True, percentile=95, spacing=spacing)
-    return {"dice": float(dice), "nsd": float(nsd), "hd95": float(hd95), **out}
-
-
-def _drop_single_slice_axes(
-    pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float]
-) -> tuple[np.ndarray, np.ndarray, list[float]]:
-    """Both masks and the spacing without their length-1 axes, keeping at least two axes (see module doc)."""
-    drop = [axis for axis, n in enumerate(ref.shape) if n == 1][: max(ref.ndim - 2, 0)]
-    keep = [axis for axis in range(ref.ndim) if axis not in drop]
-    return pred.squeeze(tuple(drop)), ref.squeeze(tuple(drop)), [float(spacing[axis]) for axis in keep]
+    return {"dice": dice(pred, ref), "nsd": surface_dice(pred, ref, spacing, nsd_tolerance_mm),
+            "hd95": hausdorff95(pred, ref, spacing), **out}
 
 
 def case_metrics(
@@ -96,6 +91,9 @@ def case_metrics(
 
     Returns:
         One dict per label: ``{label, dice, nsd, hd95, ref_empty, pred_empty}``; HD95 in mm.
+
+    Raises:
+        ValueError: as ``binary_metrics``.
     """
     rows = []
     for label in labels:
@@ -106,3 +104,12 @@ def case_metrics(
         )
         rows.append({"label": label, **binary_metrics(pred == label, ref == label, spacing, tol)})
     return rows
+
+
+def _drop_single_slice_axes(
+    pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float]
+) -> tuple[np.ndarray, np.ndarray, list[float]]:
+    """Both masks and the spacing without their length-1 axes, keeping at least two axes (see module doc)."""
+    drop = [axis for axis, n in enumerate(ref.shape) if n == 1][: max(ref.ndim - 2, 0)]
+    keep = [axis for axis in range(ref.ndim) if axis not in drop]
+    return pred.squeeze(tuple(drop)), ref.squeeze(tuple(drop)), [float(spacing[axis]) for axis in keep]

@@ -1,0 +1,1 @@
+"""One reader per weights format; each returns one layer's tensors, keys relative to the layer."""
