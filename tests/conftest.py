@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -60,3 +61,40 @@ def save_bfloat16_model(folder: Path) -> Path:
 def tiny_llama(tmp_path_factory) -> Path:
     """A 3-layer Llama with hidden size 64, saved in several safetensors shards with an index json."""
     return save_tiny_model(tmp_path_factory.mktemp("tiny_llama"), "llama", shard_size="100KB")
+
+
+@pytest.fixture(scope="session")
+def workdir(request) -> dict[str, str]:
+    """The session's nnU-Net work dir (conftest's ``nnunet_workdir``). For quick local iterations,
+    ``NNUNETV2_LLM_TEST_WORKDIR=/path`` points to one already converted and preprocessed (3d_fullres)."""
+    prebuilt = os.environ.get("NNUNETV2_LLM_TEST_WORKDIR")
+    if prebuilt:
+        from nnunetv2_llm.common.nnunet_commands import demo_env
+
+        return demo_env(Path(prebuilt))
+    return request.getfixturevalue("nnunet_workdir")
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, src in enumerate(sorted((FIXTURE / "imagesTr").glob("*.nii.gz"))[:2]):
+        shutil.copy(src, folder / f"case{i}_0000.nii.gz")
+    return folder
+
+
+@pytest.fixture
+def nnunet_folders(tmp_path, monkeypatch) -> Path:
+    """Empty nnU-Net data folders in the environment, and no LLM setting from the shell."""
+    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        (tmp_path / name).mkdir()
+        monkeypatch.setenv(name, str(tmp_path / name))
+    for name in ("nnUNet_LLM_SOURCE", "nnUNet_LLM_LAYER"):
+        monkeypatch.delenv(name, raising=False)
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def three_layer_llama(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("llama"), "llama")

@@ -12,8 +12,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
 from nnunetv2_llm.common.nnunet_commands import nnunet_command
 
 DATASET = "4"
@@ -116,16 +114,6 @@ def no_traceback(text: str) -> bool:
     return "Traceback (most recent call last)" not in text
 
 
-@pytest.fixture(scope="session")
-def workdir(request) -> dict[str, str]:
-    """The session's nnU-Net work dir (conftest's ``nnunet_workdir``). For quick local iterations,
-    ``NNUNETV2_LLM_TEST_WORKDIR=/path`` points to one already converted and preprocessed (3d_fullres)."""
-    prebuilt = os.environ.get("NNUNETV2_LLM_TEST_WORKDIR")
-    if prebuilt:
-        from nnunetv2_llm.common.nnunet_commands import demo_env
-
-        return demo_env(Path(prebuilt))
-    return request.getfixturevalue("nnunet_workdir")
 
 
 def make_trainer(name: str, workdir: dict[str, str], results: Path, monkeypatch, source: Path | str | None,

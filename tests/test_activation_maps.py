@@ -12,7 +12,12 @@ from nnunetv2_llm.cli import main as cli_main
 from nnunetv2_llm.common.errors import LLMSettingError
 from nnunetv2_llm.common.nnunet_commands import FIXTURE
 from nnunetv2_llm.tools.activation_maps.compute import (
-    bottleneck_of, choose_window, compute_activation_maps, load_predictor, pad_to, to_preprocessed_index,
+    bottleneck_of,
+    choose_window,
+    compute_activation_maps,
+    load_predictor,
+    pad_to,
+    to_preprocessed_index,
 )
 from nnunetv2_llm.tools.activation_maps.figure import plot_activation_maps
 

@@ -15,14 +15,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import save_tiny_model
-from reliability_helpers import (  # noqa: F401 (workdir is a fixture)
-    fold_dir, make_trainer, no_traceback, run_command, train, train_env, workdir,
+from reliability_helpers import (
+    fold_dir,
+    make_trainer,
+    no_traceback,
+    run_command,
+    train,
+    train_env,
 )
 
 from nnunetv2_llm import cli
-from nnunetv2_llm.common.nnunet_commands import FIXTURE
 from nnunetv2_llm.model.spec import PLANS_KEY, LLMChoice, make_spec
 
 LLM_ENV = ("nnUNet_LLM_SOURCE", "nnUNet_LLM_LAYER", "nnUNet_LLM_ALLOW_PICKLE")
@@ -275,7 +278,7 @@ def test_truncated_checkpoint_falls_back_to_the_next_one(workdir, tmp_path, monk
     trainer.save_checkpoint(str(folder / "checkpoint_best.pth"))
     data = (folder / "checkpoint_best.pth").read_bytes()
     (folder / "checkpoint_latest.pth").write_bytes(data[: len(data) // 3])
-    with pytest.raises(Exception):
+    with pytest.raises(RuntimeError):  # torch's zip reader: 'PytorchStreamReader failed reading zip archive'
         torch.load(folder / "checkpoint_latest.pth", weights_only=False)  # what nnU-Net's load_checkpoint hits
 
     resumed = make_trainer("nnUNetTrainerLLM_1epoch_2iters", workdir, tmp_path / "r", monkeypatch, tiny_llama)
@@ -304,13 +307,6 @@ def test_truncated_checkpoint_falls_back_to_the_next_one(workdir, tmp_path, monk
 
 
 # ------------------------------------------------------------------------------------------------- predict
-@pytest.fixture
-def image_folder(tmp_path) -> Path:
-    folder = tmp_path / "images"
-    folder.mkdir()
-    for i, src in enumerate(sorted((FIXTURE / "imagesTr").glob("*.nii.gz"))[:2]):
-        shutil.copy(src, folder / f"case{i}_0000.nii.gz")
-    return folder
 
 
 def predict_args(inputs: Path, output: Path, *extra: str) -> list[str]:
@@ -399,7 +395,8 @@ def test_plans_block_written_by_to_plans_reads_back(tiny_llama):
 @pytest.mark.parametrize("extra,expected", [
     (["-step_size", "0"], "-step_size 0.0 must be in (0, 1]"),
     (["-num_parts", "2", "-part_id", "2"], "-part_id 2 must be in 0 .. num_parts-1"),
-    (["-prev_stage_predictions", "no_such_folder"], "previous-stage predictions folder 'no_such_folder' does not exist"),
+    (["-prev_stage_predictions", "no_such_folder"],
+     "previous-stage predictions folder 'no_such_folder' does not exist"),
 ])
 def test_predict_checks_nnunet_run_options_first(capsys, tmp_path, image_folder, monkeypatch, extra, expected):
     """nnUNetv2_predict's sliding-window, parts and cascade options are taken (not misparsed) and checked."""

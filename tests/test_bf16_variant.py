@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from reliability_helpers import make_trainer, random_batch, workdir  # noqa: F401 (workdir is a fixture)
+from reliability_helpers import make_trainer, random_batch
 from test_network import tiny_unet
 
 from nnunetv2_llm.llm.blueprint import layer_blueprint

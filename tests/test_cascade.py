@@ -15,9 +15,8 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from scipy.ndimage import zoom
-
 from reliability_helpers import no_traceback, run_command, train_env
+from scipy.ndimage import zoom
 
 from nnunetv2_llm.common.nnunet_commands import FIXTURE, demo_env
 from nnunetv2_llm.model.spec import PLANS_KEY

@@ -4,19 +4,15 @@ output path is one line on stderr (exit 2) before any preprocessing, training, m
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
-
-from conftest import save_tiny_model
 from test_bad_inputs import cli_error
 from test_benchmark import DATASET, make_tiny_preprocessed
 
-from nnunetv2_llm.tools.activation_maps import cli as activation_maps
-from nnunetv2_llm.tools import benchmark
 from nnunetv2_llm import cli
-from nnunetv2_llm.evaluation import head_to_head
-from nnunetv2_llm.evaluation import sweep_layers
+from nnunetv2_llm.evaluation import head_to_head, sweep_layers
+from nnunetv2_llm.tools import benchmark
+from nnunetv2_llm.tools.activation_maps import cli as activation_maps
 
 
 class Reached(Exception):
@@ -33,20 +29,8 @@ def reached(*args, **kwargs):
     raise Reached
 
 
-@pytest.fixture
-def nnunet_folders(tmp_path, monkeypatch) -> Path:
-    """Empty nnU-Net data folders in the environment, and no LLM setting from the shell."""
-    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        (tmp_path / name).mkdir()
-        monkeypatch.setenv(name, str(tmp_path / name))
-    for name in ("nnUNet_LLM_SOURCE", "nnUNet_LLM_LAYER"):
-        monkeypatch.delenv(name, raising=False)
-    return tmp_path
 
 
-@pytest.fixture(scope="module")
-def three_layer_llama(tmp_path_factory) -> Path:
-    return save_tiny_model(tmp_path_factory.mktemp("llama"), "llama")
 
 
 def test_head_to_head_checks_every_trainer_before_preparing_or_training(capsys, nnunet_folders, monkeypatch):
@@ -68,7 +52,8 @@ def test_prepare_dataset_checks_the_paths_of_dataset_json_once(nnunet_folders, m
                                       '"numTraining": 1, "file_ending": ".nii.gz"}')
     calls = []
     check = dataset_checks.check_dataset_json_paths
-    monkeypatch.setattr(dataset_checks, "check_dataset_json_paths", lambda folder: calls.append(folder) or check(folder))
+    monkeypatch.setattr(dataset_checks, "check_dataset_json_paths",
+                        lambda folder: calls.append(folder) or check(folder))
     monkeypatch.setattr(head_to_head, "ensure_preprocessed", lambda *args: None)
     head_to_head.prepare_dataset(4, "3d_fullres", "nnUNetPlans", {"nnUNet_raw": str(nnunet_folders / "nnUNet_raw")})
     assert calls == [raw]

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from test_bad_inputs import cli_error, image_folder, predict_args  # noqa: F401 (image_folder is a fixture)
+from test_bad_inputs import cli_error, predict_args
 from test_cli_errors import Reached, reached
 
 from nnunetv2_llm import cli

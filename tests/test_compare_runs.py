@@ -9,17 +9,12 @@ from dataclasses import asdict
 
 import pandas as pd
 import pytest
-import test_cli_errors
 from test_bad_inputs import cli_error
 from test_cli_errors import Reached, must_not_run, reached
 
 from nnunetv2_llm.evaluation import head_to_head, sweep_layers
 from nnunetv2_llm.evaluation.compare.cases import CSV_COLUMNS
 from nnunetv2_llm.model.spec import LLMChoice, make_spec
-
-# fixtures of test_cli_errors (pytest finds a fixture by its name in the module)
-nnunet_folders = test_cli_errors.nnunet_folders
-three_layer_llama = test_cli_errors.three_layer_llama
 
 TRAINERS = ["nnUNetTrainer", "nnUNetTrainerLLM"]
 SWEEP_TRAINER = "nnUNetTrainerLLM_50epochs"

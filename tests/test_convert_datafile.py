@@ -9,10 +9,10 @@ import pytest
 import SimpleITK as sitk
 
 from nnunetv2_llm.cli import main as cli_main
-from nnunetv2_llm.tools.convert_datafile import convert_datafile
 from nnunetv2_llm.common.dataset_checks import check_raw_dataset
 from nnunetv2_llm.common.errors import LLMSettingError
 from nnunetv2_llm.common.nnunet_commands import FIXTURE
+from nnunetv2_llm.tools.convert_datafile import convert_datafile
 
 CASES = ["hippocampus_001", "hippocampus_003", "hippocampus_004"]
 LABELS = ["background", "Anterior", "Posterior"]

@@ -5,12 +5,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from test_convert_datafile import CASES, make_task, write_image
 
 from nnunetv2_llm.cli import main as cli_main
-from nnunetv2_llm.tools.convert_datafile import convert_datafile
 from nnunetv2_llm.common.errors import LLMSettingError
+from nnunetv2_llm.tools.convert_datafile import convert_datafile
 
 
 def truncate(path: Path) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import signal
 
 import pytest
-from reliability_helpers import fold_dir, train, train_env, workdir  # noqa: F401 (workdir is a fixture)
+from reliability_helpers import fold_dir, train, train_env
 
 from nnunetv2_llm.trainers.reliability.checkpoint_io import load_checkpoint_file
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import save_bfloat16_model, save_tiny_model
-from reliability_helpers import make_trainer, workdir  # noqa: F401 (workdir is a fixture)
+from reliability_helpers import make_trainer
 
 from nnunetv2_llm.llm.blueprint import layer_blueprint
 from nnunetv2_llm.llm.config import load_config, resolve_layer_index

@@ -13,14 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from reliability_helpers import (  # noqa: F401 (workdir is a fixture)
+from reliability_helpers import (
     fold_dir,
     make_trainer,
     no_traceback,
     random_batch,
     train,
     train_env,
-    workdir,
 )
 
 from nnunetv2_llm.llm.source import default_source

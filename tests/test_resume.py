@@ -22,14 +22,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from reliability_helpers import (  # noqa: F401 (workdir is a fixture)
+from reliability_helpers import (
     fold_dir,
     loaded_fingerprints,
     no_traceback,
     run_command,
     train,
     train_env,
-    workdir,
 )
 
 from nnunetv2_llm.model.spec import FROZEN_PREFIX, BottleneckSpec, LLMChoice, frozen_layer_sha256, make_spec

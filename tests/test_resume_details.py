@@ -13,7 +13,7 @@ import pytest
 import torch
 from nnunetv2.training.logging.nnunet_logger import MetaLogger
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-from reliability_helpers import make_trainer, workdir  # noqa: F401 (workdir is a fixture)
+from reliability_helpers import make_trainer
 
 from nnunetv2_llm.trainers.reliability import ReliabilityMixin
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import save_tiny_model
-from reliability_helpers import make_trainer, workdir  # noqa: F401 (workdir is a fixture)
+from reliability_helpers import make_trainer
 
 from nnunetv2_llm import cli
 from nnunetv2_llm.common.errors import LLMSettingError

@@ -36,6 +36,18 @@ FROZEN_PREFIX = "bottleneck.mixer.layer."  # where the frozen layer's tensors si
 VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "_commit_hash", "auto_map", "trust_remote_code")
 
 
+class PlansUnreadable(LLMSettingError):
+    """A model folder's plans.json cannot be read as a JSON object."""
+
+    def __init__(self, path: Path, reason: str):
+        self.path, self.reason = path, reason
+        super().__init__(f"'{path}' is unreadable ({reason})", "the model folder's plans.json")
+
+
+class MalformedSpec(LLMSettingError):
+    """The plans' ``nnunetv2_llm`` block does not describe a ``BottleneckSpec``."""
+
+
 @dataclass
 class BottleneckSpec:
     """Everything needed to rebuild the bottleneck block without the LLM source.
@@ -106,14 +118,18 @@ class BottleneckSpec:
             The spec, or None when ``required`` is False and plans.json carries no ``nnunetv2_llm`` block.
 
         Raises:
-            LLMSettingError: plans.json is missing, unreadable or malformed, or (``required``) carries no block.
+            PlansUnreadable: plans.json is missing, unreadable or not a JSON object.
+            MalformedSpec: the block lacks fields or has unknown ones (hand-edited, or another version's).
+            LLMSettingError: (``required``) plans.json carries no block.
         """
         path = Path(folder) / PLANS_FILE
         try:
             plans = json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, ValueError) as e:
-            raise LLMSettingError(f"'{path}' is unreadable ({e})", "the model folder's plans.json") from None
-        if not isinstance(plans, dict) or (not required and PLANS_KEY not in plans):
+            raise PlansUnreadable(path, str(e)) from None
+        if not isinstance(plans, dict):
+            raise PlansUnreadable(path, "not a JSON object")
+        if not required and PLANS_KEY not in plans:
             return None
         return cls.from_plans(plans)
 
@@ -128,7 +144,7 @@ class BottleneckSpec:
         try:
             return cls(**block)
         except TypeError as e:  # a hand-edited or foreign block: missing or unknown fields
-            raise LLMSettingError(f"the plans' nnunetv2_llm block is malformed ({e}); was plans.json edited or written "
+            raise MalformedSpec(f"the plans' nnunetv2_llm block is malformed ({e}); was plans.json edited or written "
                                   "by another version?", "the model folder's plans.json") from None
 
 

@@ -19,6 +19,7 @@ from nnunetv2_llm.model.spec import (
     PLANS_FILE,
     BottleneckSpec,
     LLMChoice,
+    PlansUnreadable,
     frozen_layer_differs,
     frozen_layer_sha256,
     make_spec_and_layer,
@@ -89,14 +90,9 @@ class nnUNetTrainerLLM(ReliabilityMixin, nnUNetTrainer):
             return
         try:
             saved_spec = BottleneckSpec.from_model_folder(self.output_folder_base, required=False)
-        except LLMSettingError as e:
-            unreadable = e.__context__  # the read's error; a malformed block (TypeError) stays an error
-            if not isinstance(unreadable, (OSError, ValueError)):
-                raise
-            # a truncated plans.json: nnU-Net rewrites it when training starts
-            self.print_to_log_file(f"nnunetv2_llm: WARNING: {os.path.join(self.output_folder_base, PLANS_FILE)} is "
-                                   f"unreadable ({unreadable}); it is rewritten when training starts, and a resumed "
-                                   "checkpoint is still checked against the LLM layer")
+        except PlansUnreadable as e:  # a truncated plans.json: nnU-Net rewrites it when training starts
+            self.print_to_log_file(f"nnunetv2_llm: WARNING: {e.path} is unreadable ({e.reason}); it is rewritten when "
+                                   "training starts, and a resumed checkpoint is still checked against the LLM layer")
             return
         if saved_spec is None:
             return

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from nnunetv2_llm.common.errors import LLMSettingError
 from nnunetv2_llm.common.nnunet_commands import nnunet_dataset_id
 from nnunetv2_llm.evaluation.compare.checks import CompareError, check_tolerance
 
@@ -100,14 +99,16 @@ def val_command(command: str, fold: int, trainer: str) -> str:
 def trained_with(trainer_dir: Path) -> BottleneckSpec | str | None:
     """The LLM block a trainer folder was trained with, from its plans.json: the spec, None for a plain nnU-Net
     trainer, or why it cannot be shown ('no plans.json', 'unreadable plans.json', 'malformed `nnunetv2_llm`')."""
-    from nnunetv2_llm.model.spec import PLANS_FILE, PLANS_KEY, BottleneckSpec
+    from nnunetv2_llm.model.spec import PLANS_FILE, PLANS_KEY, BottleneckSpec, MalformedSpec, PlansUnreadable
 
     if not (trainer_dir / PLANS_FILE).is_file():
         return "no plans.json"
     try:
         return BottleneckSpec.from_model_folder(trainer_dir, required=False)
-    except LLMSettingError as e:  # one error type for both: only the block's problem is called malformed
-        return f"malformed `{PLANS_KEY}`" if "block is malformed" in e.detail else "unreadable plans.json"
+    except PlansUnreadable:
+        return "unreadable plans.json"
+    except MalformedSpec:
+        return f"malformed `{PLANS_KEY}`"
 
 
 def _root(given: Path | None, env: str) -> Path:
