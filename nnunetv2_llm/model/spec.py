@@ -145,7 +145,7 @@ class BottleneckSpec:
             return cls(**block)
         except TypeError as e:  # a hand-edited or foreign block: missing or unknown fields
             raise MalformedSpec(f"the plans' nnunetv2_llm block is malformed ({e}); was plans.json edited or written "
-                                  "by another version?", "the model folder's plans.json") from None
+                                "by another version?", "the model folder's plans.json") from None
 
 
 @dataclass(frozen=True)
