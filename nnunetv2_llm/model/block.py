@@ -26,8 +26,21 @@ class LowRankProjection(nn.Module):
         return self.up(self.down(x))
 
 
+def projection(in_features: int, out_features: int, rank: int, zero_init: bool = False) -> nn.Module:
+    """The map into or out of the LLM width: low-rank (``rank`` > 0) or a full ``nn.Linear`` (``rank`` 0, as LLM4Seg and
+    Pang et al.); ``zero_init`` makes it output zeros at step 0."""
+    if rank > 0:
+        return LowRankProjection(in_features, out_features, rank, zero_init)
+    linear = nn.Linear(in_features, out_features)
+    if zero_init:
+        nn.init.zeros_(linear.weight)
+        nn.init.zeros_(linear.bias)
+    return linear
+
+
 class LLMBottleneckBlock(nn.Module):
-    """Residual block around a token mixer (a frozen LLM layer, or ``nn.Identity`` for the no-LLM control).
+    """Residual block around a token mixer (a frozen LLM layer, or ``nn.Identity`` for the no-LLM control); ``rank``
+    0 makes the projections full ``nn.Linear`` maps.
 
     x: (B, C, *spatial) -> tokens (B, N, C), N = prod(spatial) in raster order -> proj_in (B, N, D)
     -> mixer (B, N, D) -> proj_out (B, N, C) -> back to (B, C, *spatial) -> x + that.
@@ -38,9 +51,9 @@ class LLMBottleneckBlock(nn.Module):
 
     def __init__(self, channels: int, width: int, rank: int, mixer: nn.Module):
         super().__init__()
-        self.proj_in = LowRankProjection(channels, width, rank)
+        self.proj_in = projection(channels, width, rank)
         self.mixer = mixer
-        self.proj_out = LowRankProjection(width, channels, rank, zero_init=True)
+        self.proj_out = projection(width, channels, rank, zero_init=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, C, *spatial) -> (B, C, *spatial), same dtype as x."""
