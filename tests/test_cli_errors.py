@@ -67,6 +67,8 @@ def test_sweep_layers_checks_layers_and_trainers_before_preparing_or_training(ca
     args = [*base, "--llm-source", str(three_layer_llama)]
     line = cli_error(capsys, *args, "--layers", "0", "99")
     assert "layer index 99 is out of range: the model has 3 layers (0..2)" in line and line.endswith("(fix: --layers)")
+    line = cli_error(capsys, *args, "--layers", "0", "2:2")
+    assert "layer range 2:2 selects no layer" in line and line.endswith("(fix: --layers)")
     line = cli_error(capsys, *args, "--layers", "0", "2", "-tr", "nnUNetTrainerLLM_50epoch")
     assert "named nnUNetTrainerLLM_50epoch (" in line and line.endswith("(fix: -tr)")
     line = cli_error(capsys, *args, "--layers", "1", "--reference", "nnUNetTrainerNoLLM_50epochs")

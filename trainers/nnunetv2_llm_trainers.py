@@ -6,3 +6,4 @@ the installed package.
 """
 
 from nnunetv2_llm.trainers import *  # noqa: F401,F403
+from nnunetv2_llm.trainers import __getattr__  # noqa: F401 (seed variants, made on request)

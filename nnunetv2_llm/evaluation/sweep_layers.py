@@ -1,12 +1,12 @@
 """``nnunetv2_llm sweep-layers``: which LLM layer helps? (LLM4Seg found the choice matters.)
 
-Trains the LLM trainer once per layer index (each layer in its own results folder ``-o/layer_K``, since a model
-folder holds one LLM choice), optionally a reference trainer (e.g. the no-LLM control) once, then compares all of
-them with ``compare`` (paired statistics to the first) and plots validation Dice per layer. Layer indices are
-resolved first (``-1`` is the last layer), and the layers, folds and output folder are checked before anything is
-prepared or trained. ``-o`` keeps its ``layer_K`` training folders between runs (finished folds are skipped, so
-their stored LLM layer and source must be the requested ones); a report already in it is replaced only with
-``--overwrite``.
+Trains the LLM trainer once per layer index or range of stacked layers (``20:24``; each in its own results folder
+``-o/layer_K`` or ``-o/layer_20-24``, since a model folder holds one LLM choice), optionally a reference trainer (e.g.
+the no-LLM control) once, then compares all of them with ``compare`` (paired statistics to the first) and plots
+validation Dice per layer. Layers are resolved first (``-1`` is the last layer, ``-4:`` the last four), and the
+layers, folds and output folder are checked before anything is prepared or trained. ``-o`` keeps its ``layer_K``
+training folders between runs (finished folds are skipped, so their stored LLM layer and source must be the requested
+ones); a report already in it is replaced only with ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -35,8 +35,13 @@ if TYPE_CHECKING:
 TRAINING_FOLDERS = ("layer_*", "results")  # the sweep's own training state in -o, kept between runs
 
 
-def layer_label(trainer: str, layer: int) -> str:
-    return f"{trainer}_layer{layer}"
+def layer_tag(layers: str) -> str:
+    """A layer index or range as it appears in folder and trainer labels: ``29``, ``20-24`` for ``20:24``."""
+    return layers.replace(":", "-")
+
+
+def layer_label(trainer: str, layers: str) -> str:
+    return f"{trainer}_layer{layer_tag(layers)}"
 
 
 @dataclass(frozen=True)
@@ -47,7 +52,7 @@ class _Sweep:
     dataset_id: int
     configuration: str
     trainer: str
-    layers: list[int]
+    layers: list[str]  # resolved, as BottleneckSpec.layer_label gives them: '29' or '20:24'
     folds: list[int]
     output_dir: Path
     reference: str | None
@@ -67,7 +72,8 @@ class _Sweep:
                                                                              for layer in self.layers]
 
 
-def sweep_layers(dataset: str | int, configuration: str, trainer: str, layers: Sequence[int], folds: Sequence[int],
+def sweep_layers(dataset: str | int, configuration: str, trainer: str, layers: Sequence[int | str],
+                 folds: Sequence[int],
                  output_dir: Path, reference: str | None = None, device: str = "cuda", plans: str = "nnUNetPlans",
                  llm_source: str | None = None, overwrite: bool = False) -> Path:
     """Returns the path of the report (report.md, with ``dice_per_layer.png`` beside it)."""
@@ -84,7 +90,7 @@ def sweep_layers(dataset: str | int, configuration: str, trainer: str, layers: S
     # source and layer index, from the config (no weights read), as the trainer will see them
     specs = [make_spec(LLMChoice("random", source=llm_source, layer=layer, layer_setting="--layers"))
              for layer in layers]
-    sweep = _Sweep(dataset_id, configuration, trainer, [spec.layer for spec in specs], list(folds),
+    sweep = _Sweep(dataset_id, configuration, trainer, [spec.layer_label for spec in specs], list(folds),
                    Path(output_dir).resolve(), reference, plans, env)
     _check_outputs(sweep, specs, overwrite)
     check_device(device)
@@ -117,8 +123,8 @@ def _train_sweep(sweep: _Sweep, name: str, device: str) -> None:
         _link(Path(sweep.env["nnUNet_results"]) / name / sweep.model_folder(sweep.reference),
               combined / sweep.model_folder(sweep.reference))
     for layer in sweep.layers:
-        results = sweep.output_dir / f"layer_{layer}"
-        layer_env = {**sweep.env, ENV_LAYER: str(layer), "nnUNet_results": str(results)}
+        results = sweep.output_dir / f"layer_{layer_tag(layer)}"
+        layer_env = {**sweep.env, ENV_LAYER: layer, "nnUNet_results": str(results)}
         train_all(sweep.dataset_id, sweep.configuration, [sweep.trainer], folds, layer_env, device, sweep.plans)
         _link(results / name / sweep.model_folder(sweep.trainer),
               combined / sweep.model_folder(layer_label(sweep.trainer, layer)))
@@ -145,7 +151,7 @@ def _check_trained_layer(output_dir: Path, dataset_id: int, model_folder_name: s
     layer or source (its plans.json's ``nnunetv2_llm`` block), which would be reported under the wrong layer."""
     from nnunetv2_llm.model.spec import PLANS_FILE, BottleneckSpec
 
-    results = dataset_folder(str(output_dir / f"layer_{spec.layer}"), dataset_id)
+    results = dataset_folder(str(output_dir / f"layer_{layer_tag(spec.layer_label)}"), dataset_id)
     folder = results / model_folder_name if results is not None else None
     if folder is None or not (folder / PLANS_FILE).is_file():
         return
@@ -153,10 +159,10 @@ def _check_trained_layer(output_dir: Path, dataset_id: int, model_folder_name: s
         saved = BottleneckSpec.from_model_folder(folder, required=False)
     except LLMSettingError:  # unreadable or malformed: it cannot show which layer it holds
         saved = None
-    layer, source = (saved.layer, saved.source) if saved is not None else ("?", "?")
-    if (layer, source) != (spec.layer, spec.source):
+    layer, source = (saved.layer_label, saved.source) if saved is not None else ("?", "?")
+    if (layer, source) != (spec.layer_label, spec.source):
         raise LLMSettingError(
-            f"{folder} was trained with layer {layer} of {source}, not the requested layer {spec.layer} of "
+            f"{folder} was trained with layer {layer} of {source}, not the requested layer {spec.layer_label} of "
             f"{spec.source}; its finished folds would be reported as the requested layer. Use another -o, or "
             f"remove {folder}", "-o")
 
@@ -166,7 +172,7 @@ def _link(target: Path, link: Path) -> None:
         os.symlink(target, link, target_is_directory=True)
 
 
-def _plot_dice_per_layer(csv: Path, trainer: str, layers: Sequence[int], reference: str | None, path: Path) -> None:
+def _plot_dice_per_layer(csv: Path, trainer: str, layers: Sequence[str], reference: str | None, path: Path) -> None:
     """Mean validation Dice per class against the layer index, with 95% bootstrap intervals of the mean; the
     reference's mean per class as a dashed line of that class's colour."""
     import pandas as pd
@@ -178,17 +184,18 @@ def _plot_dice_per_layer(csv: Path, trainer: str, layers: Sequence[int], referen
     classes = list(df.sort_values("label")["label_name"].unique())  # dataset.json's label order
     colors = dict(zip(classes, sns.color_palette(n_colors=len(classes)), strict=True))
     per_layer = df[df["trainer"].str.startswith(f"{trainer}_layer")].copy()
-    per_layer["layer"] = per_layer["trainer"].str.rsplit("_layer", n=1).str[1].astype(int)
+    per_layer["layer"] = per_layer["trainer"].str.rsplit("_layer", n=1).str[1]
     fig = Figure(figsize=(7, 4.5), layout="constrained")
     ax = fig.subplots()
     sns.pointplot(per_layer, x="layer", y="dice", hue="label_name", hue_order=classes, palette=colors,
-                  errorbar=("ci", 95), seed=0, ax=ax, order=sorted(layers), dodge=0.2)
+                  errorbar=("ci", 95), seed=0, ax=ax, order=[layer_tag(layer) for layer in layers], dodge=0.2)
     if reference is not None:
         means = df[df["trainer"] == reference].groupby("label_name")["dice"].mean()
         for label in classes:
             ax.axhline(means[label], ls="--", lw=1, color=colors[label], label=f"{reference} ({label})")
     ax.legend(fontsize="small")
-    ax.set(xlabel="LLM layer index", ylabel="validation Dice (mean, 95% CI)", title=f"{trainer}: Dice per layer")
+    ax.set(xlabel="LLM layer (index, or START-END range)", ylabel="validation Dice (mean, 95% CI)",
+           title=f"{trainer}: Dice per layer")
     fig.savefig(path, dpi=120)
 
 
@@ -197,7 +204,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-c", "--configuration", default="3d_fullres")
     parser.add_argument("-tr", "--trainer", default="nnUNetTrainerLLM_50epochs",
                         help="an LLM trainer (budget variant), trained once per layer")
-    parser.add_argument("--layers", nargs="+", type=int, required=True, help="layer indices, e.g. 0 10 20 29")
+    parser.add_argument("--layers", nargs="+", required=True,
+                        help="layer indices or START:END ranges of stacked layers, e.g. 0 10 20 29 20:24")
     parser.add_argument("--reference", help="a trainer trained once and shown as the baseline, e.g. "
                                             "nnUNetTrainerLLMNoLLM_50epochs")
     parser.add_argument("-f", "--folds", nargs="+", type=int, default=[0])

@@ -10,9 +10,8 @@ import torch
 from torch import nn
 
 from nnunetv2_llm.llm.blueprint import layer_blueprint
-from nnunetv2_llm.llm.layer import read_layer_state_dict
 from nnunetv2_llm.model.block import LLMBottleneckBlock
-from nnunetv2_llm.model.frozen_layer import FrozenLLMLayer
+from nnunetv2_llm.model.frozen_stack import frozen_mixer, read_stack_state_dict
 from nnunetv2_llm.model.spec import BottleneckSpec
 
 
@@ -74,25 +73,24 @@ def build_mixer(spec: BottleneckSpec, from_checkpoint: bool = False) -> nn.Modul
     """The token mixer the spec asks for. For 'pretrained', weights come from ``reuse_layer``; else, with
     ``from_checkpoint`` (the caller loads a checkpoint's ``network_weights`` next, as nnU-Net's predictor does),
     a placeholder of the right shape and dtype is built and the source is never read (it may be absent, or
-    hold another model by now); without it, the layer is read from the source."""
+    hold another model by now); without it, the layers are read from the source."""
     if spec.mixer == "identity":
         return nn.Identity()
     config = spec.hf_config()
     blueprint = layer_blueprint(config)
     state = _layers_read.pop(spec.layer_sha256, None) if spec.mixer == "pretrained" else None
     if state is None and spec.mixer == "pretrained" and not from_checkpoint:
-        state = read_layer_state_dict(Path(spec.source), config, spec.layer, blueprint)
-    if state is not None:
-        mixer = FrozenLLMLayer.from_state_dict(blueprint, config, spec.layer, state, getattr(torch, spec.dtype))
-    else:
-        mixer = FrozenLLMLayer.random(blueprint, config, spec.layer, spec.seed, getattr(torch, spec.dtype))
+        state = read_stack_state_dict(Path(spec.source), config, spec.layers, blueprint)
+    mixer = frozen_mixer(blueprint, config, spec.layers, getattr(torch, spec.dtype), state, spec.seed)
     if spec.lora_rank > 0:
         add_lora(mixer, spec.lora_rank, spec.lora_alpha)
+    if spec.train_layer:
+        mixer.layer.requires_grad_(True)
     return mixer
 
 
-def add_lora(mixer: FrozenLLMLayer, rank: int, alpha: int) -> None:
-    """peft LoRA adapters on every linear of the frozen layer; only the adapters train."""
+def add_lora(mixer: nn.Module, rank: int, alpha: int) -> None:
+    """peft LoRA adapters on every linear of the frozen layer (or stack); only the adapters train."""
     from peft import LoraConfig, inject_adapter_in_model
 
     targets = sorted({name.split(".")[-1] for name, m in mixer.layer.named_modules() if isinstance(m, nn.Linear)})

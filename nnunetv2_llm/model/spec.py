@@ -18,11 +18,13 @@ import torch
 
 from nnunetv2_llm.common.errors import LLMSettingError, setting_names
 from nnunetv2_llm.llm.blueprint import layer_blueprint
-from nnunetv2_llm.llm.config import load_config, resolve_layer_index
-from nnunetv2_llm.llm.layer import layer_storage_dtype, read_layer_state_dict, storage_dtype
+from nnunetv2_llm.llm.config import load_config
+from nnunetv2_llm.llm.layer import layer_storage_dtype, storage_dtype
+from nnunetv2_llm.llm.layer_range import resolve_layers
 from nnunetv2_llm.llm.readers.gguf import one_source_parse
 from nnunetv2_llm.llm.source import ENV_LAYER, ENV_SOURCE, resolve_source, source_format
 from nnunetv2_llm.model.frozen_layer import weights_dtype
+from nnunetv2_llm.model.frozen_stack import read_stack_state_dict
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -54,6 +56,10 @@ class BottleneckSpec:
 
     mixer: 'pretrained' (frozen pre-trained layer), 'random' (same architecture, frozen, random init),
     'identity' (no LLM: the same projections around an identity).
+    layer, num_layers: the first layer's index in the source and how many consecutive layers are stacked.
+    rank: of the projections into and out of the layer (0: full-rank ``nn.Linear``).
+    train_layer: the layer trains with the network (``nnUNetTrainerLLMUnfrozen``): its checksum is that of the
+        weights it started from.
     """
 
     mixer: str
@@ -68,10 +74,24 @@ class BottleneckSpec:
     lora_rank: int = 0
     lora_alpha: int = 16
     seed: int = 0
+    num_layers: int = 1
+    train_layer: bool = False
+
+    @property
+    def layers(self) -> range:
+        """The source's layer indices in the block, in order (``layer`` is the first of ``num_layers``)."""
+        return range(self.layer, self.layer + self.num_layers)
+
+    @property
+    def layer_label(self) -> str:
+        """``31``, or ``20:24`` for a stack (the form ``nnUNet_LLM_LAYER`` takes)."""
+        return str(self.layer) if self.num_layers == 1 else f"{self.layer}:{self.layer + self.num_layers}"
 
     @property
     def width(self) -> int:
-        return int(self.llm_config["hidden_size"])
+        """The LLM's hidden size (GPT-2 stores it as ``n_embd``: read through the config's attribute map)."""
+        hidden = self.llm_config.get("hidden_size")
+        return int(hidden if hidden is not None else self.hf_config().hidden_size)
 
     def hf_config(self) -> PretrainedConfig:
         """The transformers config object, rebuilt from the stored dict (no file access)."""
@@ -155,12 +175,14 @@ class LLMChoice:
     mixer: 'pretrained', 'random' or 'identity' (see ``BottleneckSpec``).
     source: a Hugging Face model folder or a ``.gguf`` file; None: ``$nnUNet_LLM_SOURCE``, else the embedded
         default (SmolLM2-135M).
-    layer: the layer index (negative counts from the end); None: ``$nnUNet_LLM_LAYER``, else the last layer.
-    rank: rank of the low-rank projections into and out of the layer.
+    layer: the layer index (negative counts from the end) or a half-open range ``START:END`` of consecutive layers
+        (``llm.layer_range``); None: ``$nnUNet_LLM_LAYER``, else the last layer.
+    rank: rank of the low-rank projections into and out of the layer (0: full-rank).
     lora_rank, lora_alpha: LoRA adapters on the frozen layer's linears (rank 0: none).
     seed: initialisation seed of the random-layer control.
     dtype: 'float32' or 'bfloat16' to store and run the frozen layer in; None: the dtype its source stores it in
         (``frozen_layer.weights_dtype``).
+    train_layer: the pre-trained (or random) layer trains with the network instead of staying frozen.
     source_setting, layer_setting: the names errors give the source and the layer when they were passed here (the
         command's flags); values taken from the environment are named by its variables.
     """
@@ -173,6 +195,7 @@ class LLMChoice:
     lora_alpha: int = 16
     seed: int = 0
     dtype: str | None = None
+    train_layer: bool = False
     source_setting: str = "--llm-source"
     layer_setting: str = "--llm-layer"
 
@@ -205,21 +228,22 @@ def make_spec_and_layer(choice: LLMChoice) -> tuple[BottleneckSpec, dict[str, to
         path = resolve_source(choice.source)
         with one_source_parse():
             config = load_config(path)
-            index = resolve_layer_index(config, choice.layer)
+            layers = resolve_layers(config, choice.layer)
             blueprint = layer_blueprint(config)
             if choice.mixer == "pretrained":
-                state = read_layer_state_dict(path, config, index, blueprint)
+                state = read_stack_state_dict(path, config, layers, blueprint)
                 source_dtype = storage_dtype(state)
             else:  # the controls use no pre-trained weights: only the dtype they are stored in
-                state, source_dtype = None, layer_storage_dtype(path, config, index, blueprint)
+                state, source_dtype = None, layer_storage_dtype(path, config, layers[0], blueprint)
     dtype = getattr(torch, choice.dtype) if choice.dtype else weights_dtype(source_dtype)
     for key in state or ():  # into the network's dtype one tensor at a time: never a second copy of the layer
         state[key] = state[key].to(dtype)
     spec = BottleneckSpec(
-        mixer=choice.mixer, source=str(path), source_format=source_format(path), layer=index,
+        mixer=choice.mixer, source=str(path), source_format=source_format(path), layer=layers[0],
         model_type=config.model_type, llm_config=config.to_dict(), dtype=str(dtype).removeprefix("torch."),
         layer_sha256=state_dict_sha256(state, dtype) if choice.mixer == "pretrained" else "",
         rank=choice.rank, lora_rank=choice.lora_rank, lora_alpha=choice.lora_alpha, seed=choice.seed,
+        num_layers=len(layers), train_layer=choice.train_layer,
     )
     return spec, state
 
@@ -254,11 +278,11 @@ def frozen_layer_differs(network_state: dict[str, torch.Tensor], spec: Bottlenec
         expected: the expected checksum; default the spec's ``layer_sha256`` (the pre-trained layer's).
 
     Returns:
-        The found checksum when it differs from ``expected``, else None (also for the no-LLM control, and for a spec
-        without a stored checksum when no ``expected`` is given).
+        The found checksum when it differs from ``expected``, else None (also for the no-LLM control, a layer that
+        trains with the network, and a spec without a stored checksum when no ``expected`` is given).
     """
     expected = expected if expected is not None else spec.layer_sha256
-    if spec.mixer == "identity" or not expected:
+    if spec.mixer == "identity" or spec.train_layer or not expected:
         return None
     found = frozen_layer_sha256(network_state, spec.dtype, prefix)
     return found if found != expected else None

@@ -26,6 +26,7 @@ from nnunetv2_llm.model.spec import (
 )
 from nnunetv2_llm.trainers.reliability import ReliabilityMixin
 from nnunetv2_llm.trainers.reliability.exits import raise_setting_error
+from nnunetv2_llm.trainers.schedule import GroupPolyLRScheduler
 
 
 class nnUNetTrainerLLM(ReliabilityMixin, nnUNetTrainer):
@@ -36,24 +37,28 @@ class nnUNetTrainerLLM(ReliabilityMixin, nnUNetTrainer):
     see ``nnunetv2_llm.trainers.reliability``. The class attributes below are what its variants change."""
 
     llm_mixer = "pretrained"
-    llm_rank = 64
+    llm_rank = 64  # 0: full-rank nn.Linear projections
     llm_lora_rank = 0
     llm_dtype: str | None = None  # None: the dtype the source stores the layer in (GGUF: float32)
+    llm_train_layer = False  # True: the LLM layer trains too, at llm_layer_lr_scale x nnU-Net's learning rate
+    llm_layer_lr_scale = 1.0
     frozen_prefix = FROZEN_PREFIX
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):  # noqa: B008 (nnU-Net's signature)
         super().__init__(plans, configuration, fold, dataset_json, device)
         with exit_on_setting_error():
-            spec, layer_read = make_spec_and_layer(LLMChoice(self.llm_mixer, rank=self.llm_rank,
-                                                             lora_rank=self.llm_lora_rank, dtype=self.llm_dtype))
+            spec, layer_read = make_spec_and_layer(LLMChoice(
+                self.llm_mixer, rank=self.llm_rank, lora_rank=self.llm_lora_rank, dtype=self.llm_dtype,
+                seed=type(self).llm_seed or 0, train_layer=self.llm_train_layer))
             self._check_model_folder(spec)
         self.llm_spec = spec
         self._layer_read = layer_read  # handed to the network build in initialize(), then dropped
         spec.to_plans(self.plans_manager.plans)
         self.print_to_log_file(
-            f"nnunetv2_llm: mixer={spec.mixer} source={spec.source} layer={spec.layer} "
+            f"nnunetv2_llm: mixer={spec.mixer} source={spec.source} layer={spec.layer_label} "
             f"({spec.model_type}, width {spec.width}, {spec.dtype}) rank={spec.rank} lora_rank={spec.lora_rank} "
+            f"train_layer={spec.train_layer} "
             f"layer_sha256={spec.layer_sha256 or '-'}",
             also_print_to_console=True)
 
@@ -128,9 +133,15 @@ class nnUNetTrainerLLM(ReliabilityMixin, nnUNetTrainer):
             return build_llm_unet(BottleneckSpec.from_plans(plans_manager.plans), unet, from_checkpoint=True)
 
     def configure_optimizers(self) -> tuple[torch.optim.Optimizer, PolyLRScheduler]:
-        """nnU-Net's SGD + poly schedule over the trainable parameters only (the frozen layer is left out)."""
-        trainable = [p for p in self.network.parameters() if p.requires_grad]
-        optimizer = torch.optim.SGD(trainable, self.initial_lr, weight_decay=self.weight_decay,
+        """nnU-Net's SGD + poly schedule over the trainable parameters only (the frozen layer is left out); a layer
+        that trains (``llm_train_layer``) gets its own parameter group at ``llm_layer_lr_scale`` x the rate."""
+        layer = {id(p) for name, p in self.network.named_parameters()
+                 if p.requires_grad and self.frozen_prefix in name and "lora_" not in name}
+        rest = [p for p in self.network.parameters() if p.requires_grad and id(p) not in layer]
+        groups = [{"params": rest, "lr_scale": 1.0}]
+        if layer:
+            groups.append({"params": [p for p in self.network.parameters() if id(p) in layer],
+                           "lr_scale": self.llm_layer_lr_scale})
+        optimizer = torch.optim.SGD(groups, self.initial_lr, weight_decay=self.weight_decay,
                                     momentum=0.99, nesterov=True)
-        return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
-
+        return optimizer, GroupPolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)

@@ -40,6 +40,7 @@ class ReliabilityMixin(CheckpointMixin, SeedingMixin, SignalMixin, NanGuardMixin
         try:
             self.save_every = env_int(ENV_SAVE_EVERY, 1, minimum=1)
             self.max_nonfinite_steps = env_int(ENV_MAX_NONFINITE, 3, minimum=1)
-            self.llm_seed = env_int(ENV_SEED, None)
+            if self.llm_seed is None:  # a seed variant's own seed wins (its model folder is named by it)
+                self.llm_seed = env_int(ENV_SEED, None)
         except LLMSettingError as e:
             self._exit_with(f"error: {e}", 2)

@@ -2,8 +2,9 @@
 
 Names: ``{trainer}[_frac{P}][_{E}epochs][_{I}iters]`` (``_1epoch`` for one). ``_{I}iters`` sets the iterations per
 epoch (nnU-Net: 250) and the validation iterations to a fifth of that (nnU-Net: 50). Only the budgets people use
-are generated, the same for each of the seven trainers (``nnUNetTrainer``, ``nnUNetTrainerLLM``, its controls
-``NoLLM`` and ``Random``, ``_LoRA``, ``_bf16``, ``Random_bf16``), so that every comparison has its pair:
+are generated, the same for each trainer in ``FAMILIES`` (``nnUNetTrainer``, ``nnUNetTrainerLLM``, its controls
+``NoLLM`` and ``Random``, ``_LoRA``, ``_bf16``, ``Random_bf16``, the ``_FullRank`` three and the two ``Unfrozen``), so
+that every comparison has its pair (seed variants of all of them: ``variants.seeds``):
 
 - nnU-Net-length epochs: ``_{E}epochs`` for E in 1, 2, 3, 5, 10, 20, 50, 100 (250 iterations each);
 - the same with nnU-Net's iteration count spelled out, ``_{E}epochs_250iters``, for each E that nnU-Net ships as
@@ -28,12 +29,20 @@ from nnunetv2.training.nnUNetTrainer.variants.training_length import nnUNetTrain
 
 from nnunetv2_llm.trainers.llm_trainer import nnUNetTrainerLLM
 from nnunetv2_llm.trainers.reliability import ReliabilityMixin
-from nnunetv2_llm.trainers.variants.adapters import nnUNetTrainerLLM_LoRA
+from nnunetv2_llm.trainers.variants.adapters import (
+    nnUNetTrainerLLM_FullRank,
+    nnUNetTrainerLLM_LoRA,
+    nnUNetTrainerLLMNoLLM_FullRank,
+    nnUNetTrainerLLMRandom_FullRank,
+)
 from nnunetv2_llm.trainers.variants.controls import nnUNetTrainerLLMNoLLM, nnUNetTrainerLLMRandom
 from nnunetv2_llm.trainers.variants.precision import nnUNetTrainerLLM_bf16, nnUNetTrainerLLMRandom_bf16
+from nnunetv2_llm.trainers.variants.unfrozen import nnUNetTrainerLLMRandomUnfrozen, nnUNetTrainerLLMUnfrozen
 
 FAMILIES = (nnUNetTrainer, nnUNetTrainerLLM, nnUNetTrainerLLMNoLLM, nnUNetTrainerLLMRandom, nnUNetTrainerLLM_LoRA,
-            nnUNetTrainerLLM_bf16, nnUNetTrainerLLMRandom_bf16)
+            nnUNetTrainerLLM_bf16, nnUNetTrainerLLMRandom_bf16, nnUNetTrainerLLM_FullRank,
+            nnUNetTrainerLLMNoLLM_FullRank, nnUNetTrainerLLMRandom_FullRank, nnUNetTrainerLLMUnfrozen,
+            nnUNetTrainerLLMRandomUnfrozen)
 EPOCHS = (1, 2, 3, 5, 10, 20, 50, 100)  # at nnU-Net's iterations per epoch
 NNUNET_ITERATIONS = 250
 SHORT_BUDGETS = ((1, 2), (2, 2), (3, 2), (5, 25), (10, 25), (20, 50))  # (epochs, iterations per epoch)
