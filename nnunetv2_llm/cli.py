@@ -19,7 +19,8 @@ COMMANDS = {
     "compare": ("nnunetv2_llm.evaluation.compare.cli",
                 "per-case metrics and paired statistics of trainers' validation outputs"),
     "head-to-head": ("nnunetv2_llm.evaluation.head_to_head",
-                     "train what is missing for each trainer and fold, then compare"),
+                     "train what is missing (datasets x trainers x seeds x folds, in parallel or on SLURM), "
+                     "then compare"),
     "benchmark": ("nnunetv2_llm.tools.benchmark.cli", "measured cost of the LLM block: step time, inference, memory"),
     "sweep-layers": ("nnunetv2_llm.evaluation.sweep_layers",
                      "train the LLM trainer for several layer indices and compare"),

@@ -28,6 +28,7 @@ def probe(scale: float, env: dict[str, str], steps: int) -> dict:
     preprocessed = dataset_folder(env["nnUNet_preprocessed"], 4)
     plans = json.loads((preprocessed / "nnUNetPlans.json").read_text())
     dataset_json = json.loads((preprocessed / "dataset.json").read_text())
+    plans["continue_training"] = False  # nnU-Net 2.8 pops this from the plans it is given
     cls = type("Probe", (nnUNetTrainerLLMUnfrozen,), {"llm_layer_lr_scale": scale, "llm_seed": 0})
     trainer = cls(plans, "3d_fullres", 0, dataset_json, device=torch.device("cpu"))
     trainer.num_epochs = 1000  # the poly decay stays near its start over the probe's steps
@@ -52,10 +53,10 @@ def main() -> None:
     parser.add_argument("--scales", type=float, nargs="+", default=[1.0, 0.1, 0.01])
     args = parser.parse_args()
     env = demo_env(args.work_dir)
-    env["nnUNet_n_proc_DA"] = "0"  # augmentation in this process: the same batches for every scale
-    os.environ.update(env)
     ensure_raw_from_msd(FIXTURE, 4, env)
     ensure_preprocessed(4, "3d_fullres", env)
+    env["nnUNet_n_proc_DA"] = "0"  # augmentation in this process: the same batches for every scale
+    os.environ.update(env)
     rows = [probe(scale, env, args.steps) for scale in args.scales]
     print(f"{'scale':>7} {'layer lr':>9} {'loss (last half)':>17} {'layer drift':>12} finite")
     for r in rows:

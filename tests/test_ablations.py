@@ -156,3 +156,21 @@ def test_stacked_unfrozen_full_rank_seeded_training_predicts_without_the_source(
     run(["nnUNetv2_predict", "-i", str(images), "-o", str(tmp_path / "pred"), "-d", "4", "-c", "3d_fullres",
          "-f", "0", "-tr", trainer, "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_progress_bar"], no_source)
     assert (tmp_path / "pred" / "case.nii.gz").is_file()
+
+
+def test_an_unfrozen_layer_gets_finite_gradients_under_fp16_autocast(three_layer_llama):
+    """nnU-Net trains under fp16 autocast on CUDA; the block runs its layer in float32 with autocast off, so large
+    half-precision features give finite float32 gradients in the layer (CPU autocast runs the same code path)."""
+    from nnunetv2_llm.model.block import LLMBottleneckBlock
+
+    spec, state = make_spec_and_layer(LLMChoice("pretrained", source=three_layer_llama, layer=2, train_layer=True))
+    with reuse_layer(spec, state):
+        block = LLMBottleneckBlock(32, spec.width, 8, build_mixer(spec))
+    nn.init.normal_(block.proj_out.up.weight)  # as after some training: the layer's gradient is not zero
+    x = (torch.randn(2, 32, 3, 4, 5).clamp(-6, 6) * 1e4).half()  # large, yet finite in float16
+    with torch.autocast("cpu", dtype=torch.float16):
+        out = block(x)
+    out.float().square().mean().backward()
+    grads = [p.grad for p in block.mixer.parameters()]
+    assert all(g is not None and g.dtype == torch.float32 and bool(torch.isfinite(g).all()) for g in grads)
+    assert any(bool(g.abs().sum() > 0) for g in grads)

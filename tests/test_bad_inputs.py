@@ -119,7 +119,11 @@ def test_layer_out_of_range_names_the_flag_or_the_env_var(capsys, single_file_ll
     line = cli_error(capsys, "info", "--llm-source", str(single_file_llama), "--llm-layer", "-4")
     assert "out of range" in line
     line = cli_error(capsys, "info", "--llm-source", str(single_file_llama), "--llm-layer", "last")
-    assert "not an integer" in line
+    assert "neither an integer index nor a range" in line
+    line = cli_error(capsys, "info", "--llm-source", str(single_file_llama), "--llm-layer", "0:4")
+    assert "bound 4 is outside the model's 3 layers" in line and "(fix: --llm-layer)" in line
+    line = cli_error(capsys, "info", "--llm-source", str(single_file_llama), "--llm-layer", "2:1")
+    assert "selects no layer" in line
     monkeypatch.setenv("nnUNet_LLM_SOURCE", str(single_file_llama))
     monkeypatch.setenv("nnUNet_LLM_LAYER", "99")
     line = cli_error(capsys, "info")
@@ -144,12 +148,14 @@ def test_files_that_are_not_models(capsys, tmp_path):
 
 
 def test_unsupported_model_type(capsys, tmp_path):
-    folder = tmp_path / "gpt2"
+    folder = tmp_path / "mixtral"
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2}))
+    (folder / "config.json").write_text(json.dumps({"model_type": "mixtral", "num_hidden_layers": 2, "hidden_size": 64,
+                                                    "intermediate_size": 128, "num_attention_heads": 4,
+                                                    "num_key_value_heads": 2, "vocab_size": 97}))
     (folder / "model.safetensors").write_bytes(b"")
     line = cli_error(capsys, "info", "--llm-source", str(folder))
-    assert "model type 'gpt2'" in line and "not supported" in line and "llama" in line
+    assert "mixtral" in line and "mixture-of-experts" in line
 
 
 def test_truncated_and_corrupted_safetensors(capsys, tmp_path, single_file_llama):

@@ -244,3 +244,19 @@ def test_synthetic_checkpoint_is_sharded_and_readable(tmp_path):
     expected = synthetic_llm.layer_shapes(synthetic_llm.PRESETS["tiny-llama"])
     assert {k: tuple(v.shape) for k, v in state.items()} == expected
     assert synthetic_llm.layer_numel("llama-8b") == 218_112_000  # Llama-3.1-8B: 218M parameters per layer
+
+
+def test_block_operations_and_flop_shares_are_reported(benchmark_run):
+    results, markdown, _ = benchmark_run
+    rows = results["results"]
+    assert results["plan"]["bottleneck_shape"] == rows["nnUNetTrainerLLM"]["flops"]["bottleneck_shape"]
+    assert "block_ops" not in rows["nnUNetTrainer"]  # no block
+    for name in ("nnUNetTrainerLLM", "nnUNetTrainerLLMNoLLM"):
+        ops = rows[name]["block_ops"]
+        assert ops["total"] == ops["forward"] + ops["backward"] == ops["own"] + ops["mixer"] > 0
+        assert sum(ops["by_op"].values()) == ops["total"]
+        assert f"- {name}: the LLM block dispatches {ops['total']} operations per training step" in markdown
+    assert rows["nnUNetTrainerLLMNoLLM"]["block_ops"]["mixer"] == 0 < rows["nnUNetTrainerLLM"]["block_ops"]["mixer"]
+    flops = rows["nnUNetTrainerLLM"]["flops"]
+    assert flops["block_share"] == pytest.approx(flops["block"] / flops["total"])
+    assert f"({flops['block_share']:.4f} of the network's)" in markdown

@@ -76,3 +76,135 @@ def test_a_measurement_in_a_fresh_process_returns_what_the_child_reported():
     with pytest.raises(MeasurementFailed) as failed:  # no result line
         run_measurement(["-c", "import sys; sys.stderr.write('broken')"], {})
     assert failed.value.returncode == 0 and failed.value.stderr == "broken"
+
+
+# ------------------------------------------------------------------------------------------ plan presets
+@pytest.mark.parametrize("preset,configuration,patch,batch,features,bottleneck", [
+    # the real Hippocampus plans (40x56x40, batch 9, 4 stages; docs/FINDINGS.md) from the described dataset
+    ("hippocampus", "3d_fullres", [40, 56, 40], 9, [32, 64, 128, 256], [9, 256, 5, 7, 5]),
+    ("brats_3d", "3d_fullres", [128, 128, 128], 2, [32, 64, 128, 256, 320, 320], [2, 320, 4, 4, 4]),
+    ("large_2d", "2d", [512, 512], 12, [32, 64, 128, 256, 512, 512, 512, 512], [12, 512, 4, 4]),
+])
+def test_plan_presets_are_what_nnunets_planner_makes(preset, configuration, patch, batch, features, bottleneck):
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunetv2_llm.tools.benchmark.plan_presets import plan_preset
+    from nnunetv2_llm.tools.benchmark.trainers import bottleneck_shape
+
+    plans, dataset_json, description = plan_preset(preset)
+    assert description.configuration == configuration and configuration in plans["configurations"]
+    manager = PlansManager(plans).get_configuration(configuration)
+    assert list(manager.patch_size) == patch and manager.batch_size == batch
+    assert list(manager.network_arch_init_kwargs["features_per_stage"]) == features
+    trainer = SimpleNamespace(configuration_manager=manager, batch_size=manager.batch_size)
+    assert bottleneck_shape(trainer) == bottleneck
+    assert len(dataset_json["channel_names"]) == len(description.channels)
+
+
+def test_an_unknown_plan_preset_is_refused():
+    from nnunetv2_llm.tools.benchmark.plan_presets import plan_preset
+
+    with pytest.raises(LLMSettingError, match="unknown plan preset 'brats'"):
+        plan_preset("brats")
+
+
+# ------------------------------------------------------------------------------------------ dispatched operations
+def test_the_op_counter_counts_a_linear_layer():
+    """nn.Linear on a matrix is one transpose view and one addmm; its backward computes two matrix products (input
+    and weight gradients) and one sum (bias gradient)."""
+    from nnunetv2_llm.tools.benchmark.dispatch_counts import count_dispatched_ops, forward_backward_counts
+
+    linear = torch.nn.Linear(4, 3)
+    x = torch.randn(5, 4)
+    assert count_dispatched_ops(lambda: linear(x)) == {"aten.t.default": 1, "aten.addmm.default": 1}
+    counts = forward_backward_counts(linear, x)
+    assert counts["forward"] == {"aten.t.default": 1, "aten.addmm.default": 1}
+    assert counts["backward"]["aten.mm.default"] == 2 and counts["backward"]["aten.sum.dim_IntList"] == 1
+    assert all(p.grad is None for p in linear.parameters())  # counting leaves no gradients behind
+
+
+def _reference_forward(block, x: torch.Tensor) -> torch.Tensor:
+    """The block's forward before its operations were cut (commit ef7235b): 3-d token tensors through each linear."""
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        flat = x.float().flatten(2)
+        mixed = block.mixer(block.proj_in(flat.transpose(1, 2))).float()
+        out = (flat + block.proj_out(mixed).transpose(1, 2)).reshape(x.shape)
+        if x.dtype in (torch.float16, torch.bfloat16):
+            limit = torch.finfo(x.dtype).max
+            out = out.clamp(-limit, limit)
+        return out.to(x.dtype)
+
+
+def _block(rank: int):
+    """A block with a small frozen mixer and random (not zero) output projections, so every path carries a
+    gradient."""
+    from nnunetv2_llm.model.block import LLMBottleneckBlock
+
+    torch.manual_seed(0)
+    mixer = torch.nn.Sequential(torch.nn.Linear(24, 24), torch.nn.Tanh()).requires_grad_(False)
+    block = LLMBottleneckBlock(16, 24, rank, mixer)
+    for p in block.proj_out.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    return block
+
+
+def _outputs_and_gradients(block, forward, x: torch.Tensor, grad: torch.Tensor) -> list[torch.Tensor]:
+    x = x.detach().requires_grad_(True)
+    for p in block.parameters():
+        p.grad = None
+    out = forward(x)
+    out.backward(grad)
+    return [out.detach(), x.grad, *(p.grad for p in block.parameters() if p.requires_grad)]
+
+
+@pytest.mark.parametrize("rank", [4, 0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("spatial", [(3, 4, 5), (6, 7)])
+def test_the_block_computes_what_the_reference_computes(rank, dtype, spatial):
+    block = _block(rank)
+    x = torch.randn(2, 16, *spatial).to(dtype)
+    grad = torch.randn(2, 16, *spatial).to(dtype)
+    new = _outputs_and_gradients(block, block, x, grad)
+    reference = _outputs_and_gradients(block, lambda t: _reference_forward(block, t), x, grad)
+    assert len(new) == len(reference) == 2 + len([p for p in block.parameters() if p.requires_grad])
+    tolerance = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
+    for a, b in zip(new, reference, strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        torch.testing.assert_close(a, b, **tolerance)
+
+
+@pytest.mark.parametrize("rank", [4, 0])
+def test_the_block_dispatches_fewer_operations_than_the_reference(rank):
+    from nnunetv2_llm.tools.benchmark.dispatch_counts import forward_backward_counts
+
+    block = _block(rank)
+
+    class Reference(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = block
+
+        def forward(self, x):
+            return _reference_forward(self.block, x)
+
+    x = torch.randn(2, 16, 3, 4, 5)
+    new, old = forward_backward_counts(block, x), forward_backward_counts(Reference(), x)
+    assert sum(new["forward"].values()) < sum(old["forward"].values())
+    assert sum(new["backward"].values()) <= sum(old["backward"].values())
+
+
+def test_block_op_counts_split_the_block_from_its_mixer():
+    from nnunetv2_llm.tools.benchmark.dispatch_counts import block_op_counts
+
+    class Network(torch.nn.Module):
+        def __init__(self, bottleneck):
+            super().__init__()
+            self.bottleneck = bottleneck
+
+    block = _block(4)
+    counts = block_op_counts(SimpleNamespace(network=Network(block)), [2, 16, 3, 4, 5], torch.device("cpu"))
+    assert counts["total"] == counts["forward"] + counts["backward"] == counts["own"] + counts["mixer"]
+    assert counts["mixer"] > 0 and counts["own"] > 0 and sum(counts["by_op"].values()) == counts["total"]
+    assert counts["by_op"]["aten.addmm.default"] >= 3  # the mixer's linear and both projections' up maps
+    assert block_op_counts(SimpleNamespace(network=torch.nn.Conv3d(1, 1, 1)), [1, 1, 2, 2, 2],
+                           torch.device("cpu")) is None  # a plain U-Net has no block

@@ -57,3 +57,28 @@ def test_the_llm_choice_is_resolved_before_the_first_measurement(capsys, tmp_pat
         cli.main([*bench_args, "-tr", "nnUNetTrainer", "--llm-source", str(missing)])
     with pytest.raises(Reached):
         cli.main([*bench_args, "--llm-source", str(source), "--llm-layer", "-1"])
+
+
+@pytest.mark.parametrize("extra,message,setting", [
+    (["--plan-preset", "large_2d"], "give either a dataset (-d) or --plan-preset", "-d / --plan-preset"),  # both
+    (["--batch-size", "0"], "--batch-size must be at least 1, got 0", "--batch-size"),
+])
+def test_plan_source_settings_are_checked(capsys, bench_args, extra, message, setting):
+    line = cli_error(capsys, *bench_args, *extra)
+    assert message in line and line.endswith(f"(fix: {setting})")
+
+
+def test_a_plan_preset_needs_no_dataset(capsys, bench_args, monkeypatch):
+    without_dataset = [a for a in bench_args if a not in ("-d", DATASET)]
+    line = cli_error(capsys, *without_dataset)
+    assert "give either a dataset (-d) or --plan-preset" in line
+    line = cli_error(capsys, *without_dataset, "--plan-preset", "large_2d", "-c", "3d_fullres")
+    assert "--plan-preset large_2d plans 2d, not 3d_fullres" in line and line.endswith("(fix: -c)")
+    seen = {}
+    monkeypatch.setattr(benchmark, "run_benchmark", lambda args: seen.update(vars(args)) or reached())
+    monkeypatch.delenv("nnUNet_preprocessed", raising=False)
+    preprocessed_at = without_dataset.index("--preprocessed")
+    del without_dataset[preprocessed_at:preprocessed_at + 2]
+    with pytest.raises(Reached):
+        cli.main([*without_dataset, "--plan-preset", "large_2d", "-tr", "nnUNetTrainer"])
+    assert seen["configuration"] == "2d" and seen["synthetic_batches"] and seen["inference_cases"] == 0

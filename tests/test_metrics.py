@@ -36,15 +36,57 @@ def test_shifted_cube_isotropic():
 
 def test_shifted_cube_anisotropic_spacing():
     # spacing 3 mm along the shift axis: the 16 end-face distances become 3 mm, the 4 core ones stay 1 mm.
-    (m,) = case_metrics(SHIFTED, REF, (3.0, 1.0, 1.0), [1], nsd_tolerance_mm=1.0)
+    (m,) = case_metrics(SHIFTED, REF, (3.0, 1.0, 1.0), [1], nsd_tolerance_mm=1.0, nsd_method="boundary")
     assert m["dice"] == pytest.approx(0.75)
     assert m["hd95"] == pytest.approx(3.0)  # 95th percentile of 36x0, 4x1, 16x3
     assert m["nsd"] == pytest.approx((36 + 4) / 56, abs=1e-6)
-    (m,) = case_metrics(SHIFTED, REF, (3.0, 1.0, 1.0), [1], nsd_tolerance_mm=0.5)
+    (m,) = case_metrics(SHIFTED, REF, (3.0, 1.0, 1.0), [1], nsd_tolerance_mm=0.5, nsd_method="boundary")
     assert m["nsd"] == pytest.approx(36 / 56, abs=1e-6)
     # the same arrays with the spacing along another axis: the shift axis is now 1 mm.
     (m,) = case_metrics(SHIFTED, REF, (1.0, 1.0, 3.0), [1], nsd_tolerance_mm=1.0)
     assert m["hd95"] == pytest.approx(1.0)
+
+
+def shifted_cube_surface(sz: float, sxy: float) -> tuple[float, float, float]:
+    """Surface-element NSD (Nikolov et al.) of ``REF`` and ``SHIFTED`` by hand, spacing (sz, sxy, sxy) mm with
+    sxy < sz: (total area of one surface, its area on the other surface, area of a z-face point).
+
+    The surface points are the voxel corners on the box [2, 6]^3 (corner indices, axes z, y, x); each carries the
+    area of its marching-cubes element: face points the face's pixel (z faces sxy x sxy, side faces sz x sxy), edge
+    points a strip through the edge midpoints (along z: sz x |(sxy/2, sxy/2)|; along y or x: sxy x |(sz/2, sxy/2)|),
+    corner points the triangle on the three half-edges (sz/2, sxy/2, sxy/2)."""
+    face_z, face_side = sxy * sxy, sz * sxy
+    edge_z, edge_xy = sz * math.hypot(sxy / 2, sxy / 2), sxy * math.hypot(sz / 2, sxy / 2)
+    corner = 0.5 * math.sqrt((sz / 2 * sxy / 2) ** 2 * 2 + (sxy / 2 * sxy / 2) ** 2)
+    # 2 z faces of 3x3 points, 4 side faces of 3x3, 4 z edges of 3, 8 y/x edges of 3, 8 corners
+    area = 18 * face_z + 36 * face_side + 12 * edge_z + 24 * edge_xy + 8 * corner
+    # on the other cube's surface (distance 0): side faces, z edges, and the ring of the face inside the other cube
+    on_other = 36 * face_side + 12 * edge_z + 12 * edge_xy + 4 * corner
+    return area, on_other, face_z
+
+
+AREA, ON_OTHER, FACE_Z = shifted_cube_surface(3.0, 1.0)
+
+
+@pytest.mark.parametrize(("tolerance", "within"), [
+    (0.5, ON_OTHER),
+    (1.0, ON_OTHER + 8 * FACE_Z),  # + the 8 inner face points next to the ring (1 mm); the centre is 2 mm away
+    (2.9, ON_OTHER + 9 * FACE_Z),  # the far face is 3 mm (one 3 mm slice) away
+    (3.0, AREA),
+])
+def test_surface_nsd_weights_surface_elements_by_area(tolerance, within):
+    # the shifted cube is the mirror image of the reference, so both directions give the same fraction
+    (m,) = case_metrics(SHIFTED, REF, (3.0, 1.0, 1.0), [1], nsd_tolerance_mm=tolerance, nsd_method="surface")
+    assert m["nsd"] == pytest.approx(within / AREA, abs=1e-6)
+
+
+def test_surface_is_the_default_and_differs_from_boundary():
+    (default,) = case_metrics(SHIFTED, REF, (3.0, 1.0, 1.0), [1], nsd_tolerance_mm=1.0)
+    (boundary,) = case_metrics(SHIFTED, REF, (3.0, 1.0, 1.0), [1], nsd_tolerance_mm=1.0, nsd_method="boundary")
+    assert default["nsd"] == pytest.approx((ON_OTHER + 8) / AREA, abs=1e-6)  # 0.839
+    assert boundary["nsd"] == pytest.approx(40 / 56, abs=1e-6)  # 0.714
+    with pytest.raises(ValueError, match="NSD method"):
+        binary_metrics(SHIFTED > 0, REF > 0, (1.0, 1.0, 1.0), 1.0, nsd_method="voxels")
 
 
 def test_per_label_tolerance_mapping():

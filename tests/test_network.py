@@ -149,12 +149,12 @@ def test_rebuild_for_a_checkpoint_never_reads_the_source(spec, tmp_path, monkeyp
     """The predictor's build: the source path may now hold another model (here a wider one); it is not read."""
     from conftest import save_tiny_model
 
-    from nnunetv2_llm.model import network
 
     trained = build_llm_unet(spec, tiny_unet(3)).eval()
     moved = copy.deepcopy(spec)
     moved.source = str(save_tiny_model(tmp_path, "llama", hidden_size=96))
-    monkeypatch.setattr(network, "read_layer_state_dict", lambda *a, **k: pytest.fail("the source was read"))
+    monkeypatch.setattr("nnunetv2_llm.model.frozen_stack.read_layer_state_dict",
+                        lambda *a, **k: pytest.fail("the source was read"))
     rebuilt = build_llm_unet(moved, tiny_unet(3), from_checkpoint=True).eval()
     rebuilt.load_state_dict(trained.state_dict())
     x = torch.randn(1, 1, 16, 16, 16)

@@ -1,5 +1,7 @@
 """Paired statistics against scipy and hand-computed values."""
 
+import itertools
+
 import numpy as np
 import pytest
 from scipy import stats
@@ -13,6 +15,7 @@ from nnunetv2_llm.evaluation.statistics import (
     median_ci,
     paired_comparison,
     wilcoxon_p,
+    wilcoxon_test,
 )
 
 REFERENCE = np.array([0.80, 0.70, 0.90, 0.60, 0.75, 0.85, 0.65, 0.72])
@@ -42,6 +45,46 @@ def test_wilcoxon_against_exact_values():
     assert wilcoxon_p([0.1, 0.2, 0.3, 0.4, 0.5, 0.6]) == pytest.approx(2 / 2**6)  # exact: all positive
     assert wilcoxon_p(np.zeros(5)) == 1.0
     assert np.isnan(wilcoxon_p([]))
+
+
+def enumerated_signed_rank_p(differences) -> float:
+    """Two-sided signed-rank p-value by enumerating every sign pattern of the non-zero differences (midranks for
+    tied |d|): independent of SciPy's tables and permutation code."""
+    d = np.asarray(differences, dtype=float)
+    d = d[d != 0]
+    ranks = stats.rankdata(np.abs(d))
+    observed = ranks[d > 0].sum()
+    w = np.array([ranks[np.array(signs, bool)].sum() for signs in itertools.product([0, 1], repeat=d.size)])
+    return min(1.0, 2 * min(np.mean(w >= observed - 1e-9), np.mean(w <= observed + 1e-9)))
+
+
+def test_wilcoxon_with_many_zero_differences_is_exact():
+    d = [0.0] * 47 + [0.5, 1.0, 1.5, 2.0, 2.5]  # HD95-like: most cases tied exactly
+    result = wilcoxon_test(d)
+    assert (result.p_value, result.method) == (pytest.approx(2 / 2**5), "exact")  # all 5 positive: 2 of 32
+    assert stats.wilcoxon(d).pvalue == pytest.approx(0.0431, abs=1e-4)  # SciPy's default: normal approximation
+
+
+@pytest.mark.parametrize("d", [
+    [0.0, 0.0, 0.3, 0.3, 0.1, -0.2, 0.3, 0.5],  # tied |d| (and zeros): no exact table
+    [-0.25] * 5,
+    [0.1, -0.1, 0.2, 0.2, 0.2, 0.4, -0.4, 0.6, 0.7, 0.8, 0.9, 0.05],
+])
+def test_wilcoxon_with_tied_differences_is_an_enumerated_permutation_test(d):
+    result = wilcoxon_test(d)
+    assert result.method == "permutation"
+    assert result.p_value == pytest.approx(enumerated_signed_rank_p(d))
+
+
+def test_wilcoxon_exact_and_normal_against_independent_values():
+    d = [0.0, 0.03, -0.11, 0.25, 0.4, -0.52, 0.6, 0.71, 0.8]
+    assert wilcoxon_test(d).method == "exact"
+    assert wilcoxon_test(d).p_value == pytest.approx(enumerated_signed_rank_p(d))
+    large = np.random.default_rng(0).normal(0.1, 1.0, 80)  # more than 50 non-zero: the normal approximation
+    z = (stats.rankdata(np.abs(large))[large > 0].sum() - 80 * 81 / 4) / np.sqrt(80 * 81 * 161 / 24)
+    assert wilcoxon_test(np.r_[large, 0, 0]).method == "normal"
+    assert wilcoxon_test(np.r_[large, 0, 0]).p_value == pytest.approx(2 * stats.norm.sf(abs(z)))
+    assert wilcoxon_test(np.zeros(4)).method == "all zero" and wilcoxon_test([]).method == "none"
 
 
 def test_bootstrap_matches_scipy_and_is_reproducible():
@@ -79,7 +122,8 @@ def test_paired_comparison():
     assert r.n == 8
     assert r.mean_diff == pytest.approx(d.mean())
     assert r.sd_diff == pytest.approx(d.std(ddof=1))
-    assert r.p_value == pytest.approx(stats.wilcoxon(d).pvalue)
+    assert r.p_value == pytest.approx(enumerated_signed_rank_p(d))  # a zero and tied |d|: enumerated exactly
+    assert r.p_method == "permutation"
     assert (r.better, r.worse, r.tied) == (5, 1, 2)  # +0.0005 and 0 are ties
     with pytest.raises(ValueError):
         paired_comparison([1.0, 2.0], [1.0], "dice")

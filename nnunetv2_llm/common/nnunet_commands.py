@@ -236,18 +236,52 @@ def trainer_fold_dir(env: dict[str, str], dataset_id: int, configuration: str, t
     return folder / f"fold_{fold}" if folder else None
 
 
+def training_command(dataset_id: int, configuration: str, trainer: str, fold: str, env: dict[str, str],
+                     device: str | None, plans: str = "nnUNetPlans") -> list[str] | None:
+    """The ``nnUNetv2_train`` arguments that bring the fold to finished, None when it is finished (a final
+    checkpoint and nnU-Net's validation summary).
+
+    Args:
+        dataset_id, configuration, trainer, fold, plans: the training, as nnU-Net names it.
+        env: nnU-Net's folders (``nnUNet_results`` is read).
+        device: nnU-Net's ``-device`` (cuda, cpu, mps); None leaves nnU-Net's default.
+
+    Returns:
+        Plain training when nothing is there, ``--c`` after an interruption (a latest checkpoint, no final one),
+        ``--val`` for a finished training without validation output; None when nothing is left to do.
+    """
+    fold_dir = trainer_fold_dir(env, dataset_id, configuration, trainer, fold, plans)
+    finished = fold_dir is not None and (fold_dir / "checkpoint_final.pth").is_file()
+    if finished and (fold_dir / "validation" / "summary.json").is_file():
+        return None
+    resume = ["--c"] if fold_dir and (fold_dir / "checkpoint_latest.pth").is_file() else []
+    return ["nnUNetv2_train", str(dataset_id), configuration, str(fold), "-tr", trainer, "-p", plans,
+            *(["-device", device] if device else []), *(["--val"] if finished else resume)]
+
+
+def model_fold_dir(env: Mapping[str, str], dataset_id: int, configuration: str, trainer: str, fold: str,
+                   plans: str = "nnUNetPlans") -> Path:
+    """Where nnU-Net will write the fold (``trainer_fold_dir``), also before its dataset folder exists under
+    ``nnUNet_results`` (named then like the raw dataset's folder, as nnU-Net names it).
+
+    Raises:
+        LLMSettingError: the dataset is in neither ``nnUNet_results`` nor ``nnUNet_raw``.
+    """
+    from nnunetv2.utilities.file_path_utilities import convert_trainer_plans_config_to_identifier
+
+    dataset = dataset_folder(env["nnUNet_results"], dataset_id) or dataset_folder(env["nnUNet_raw"], dataset_id)
+    if dataset is None:
+        raise LLMSettingError(f"no Dataset{dataset_id:03d}_* folder in nnUNet_raw ({env['nnUNet_raw']})", "-d")
+    return Path(env["nnUNet_results"]) / dataset.name / \
+        convert_trainer_plans_config_to_identifier(trainer, plans, configuration) / f"fold_{fold}"
+
+
 def ensure_trained(dataset_id: int, configuration: str, trainer: str, fold: str, env: dict[str, str],
                    device: str, plans: str = "nnUNetPlans") -> None:
     """Train unless finished; an interrupted run continues from its latest checkpoint (``--c``)."""
-    fold_dir = trainer_fold_dir(env, dataset_id, configuration, trainer, fold, plans)
-    if fold_dir and (fold_dir / "checkpoint_final.pth").is_file():
-        if not (fold_dir / "validation" / "summary.json").is_file():
-            run(["nnUNetv2_train", str(dataset_id), configuration, fold, "-tr", trainer, "-p", plans,
-                 "-device", device, "--val"], env)
-        return
-    resume = ["--c"] if fold_dir and (fold_dir / "checkpoint_latest.pth").is_file() else []
-    run(["nnUNetv2_train", str(dataset_id), configuration, fold, "-tr", trainer, "-p", plans,
-         "-device", device, *resume], env)
+    command = training_command(dataset_id, configuration, trainer, fold, env, device, plans)
+    if command is not None:
+        run(command, env)
 
 
 def demo_env(work_dir: Path) -> dict[str, str]:

@@ -51,6 +51,7 @@ class LLMBottleneckBlock(nn.Module):
 
     def __init__(self, channels: int, width: int, rank: int, mixer: nn.Module):
         super().__init__()
+        self.width = width
         self.proj_in = projection(channels, width, rank)
         self.mixer = mixer
         self.proj_out = projection(width, channels, rank, zero_init=True)
@@ -58,10 +59,16 @@ class LLMBottleneckBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, C, *spatial) -> (B, C, *spatial), same dtype as x."""
         with torch.autocast(device_type=x.device.type, enabled=False):
+            b, c = x.shape[:2]
             flat = x.float().flatten(2)  # (B, C, N), converted once (a no-op for float32 input)
-            mixed = self.mixer(self.proj_in(flat.transpose(1, 2))).float()
+            n = flat.shape[2]
+            # The projections see (B*N, features) matrices: each linear is then one (add)mm, without the views that
+            # a 3-d input costs around every matmul in forward and backward.
+            tokens = flat.transpose(1, 2).reshape(b * n, c)  # the one layout copy into token order
+            mixed = self.mixer(self.proj_in(tokens).view(b, n, self.width)).float()  # (B, N, D)
+            projected = self.proj_out(mixed.reshape(b * n, self.width)).view(b, n, c)
             # adding the (B, N, C) result through a transposed view writes (B, C, N) directly: no extra copy
-            out = (flat + self.proj_out(mixed).transpose(1, 2)).reshape(x.shape)
+            out = (flat + projected.transpose(1, 2)).reshape(x.shape)
             if x.dtype in (torch.float16, torch.bfloat16):  # saturate rather than overflow to inf on the cast
                 limit = torch.finfo(x.dtype).max
                 out = out.clamp(-limit, limit)

@@ -90,12 +90,16 @@ def build_mixer(spec: BottleneckSpec, from_checkpoint: bool = False) -> nn.Modul
 
 
 def add_lora(mixer: nn.Module, rank: int, alpha: int) -> None:
-    """peft LoRA adapters on every linear of the frozen layer (or stack); only the adapters train."""
+    """peft LoRA adapters on every linear (or GPT-2 Conv1D) of the frozen layer (or stack); only the adapters
+    train."""
     from peft import LoraConfig, inject_adapter_in_model
+    from transformers.pytorch_utils import Conv1D
 
-    targets = sorted({name.split(".")[-1] for name, m in mixer.layer.named_modules() if isinstance(m, nn.Linear)})
-    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets),
-                            mixer.layer)
+    linears = [(name, m) for name, m in mixer.layer.named_modules() if isinstance(m, (nn.Linear, Conv1D))]
+    targets = sorted({name.split(".")[-1] for name, _ in linears})
+    transposed = any(isinstance(m, Conv1D) for _, m in linears)  # GPT-2's Conv1D stores (in, out) weights
+    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets,
+                                       fan_in_fan_out=transposed), mixer.layer)
     for name, param in mixer.layer.named_parameters():
         trainable = "lora_" in name
         if trainable and param.dtype != torch.float32:  # peft makes adapters in the layer's dtype; bf16 adapters lose

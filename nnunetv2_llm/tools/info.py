@@ -22,7 +22,7 @@ def print_info(llm_source: str | None = None, llm_layer: str | None = None, expo
     spec = make_spec(LLMChoice("pretrained", source=llm_source, layer=llm_layer))
     print(f"LLM source:  {spec.source} ({spec.source_format}; from "
           f"{'--llm-source' if llm_source else ENV_SOURCE if os.environ.get(ENV_SOURCE) else 'embedded default'})")
-    print(f"LLM layer:   {spec.layer} of {spec.llm_config['num_hidden_layers']} "
+    print(f"LLM layer:   {spec.layer_label} of {spec.hf_config().num_hidden_layers} "
           f"({'--llm-layer' if llm_layer else ENV_LAYER if os.environ.get(ENV_LAYER) else 'default: last'})")
     print(f"model type:  {spec.model_type}, hidden size {spec.width}, weights {spec.dtype}")
     print(f"layer sha256: {spec.layer_sha256}")
@@ -42,12 +42,37 @@ def print_info(llm_source: str | None = None, llm_layer: str | None = None, expo
     return 0
 
 
+def family_lines(verdicts: list) -> list[str]:
+    """``--list-families``'s text: the supported model types with their position scheme, then the refused ones with
+    the reason (``verdicts``: ``blueprint.FamilyVerdict`` objects)."""
+    accepted = [v for v in verdicts if v.accepted]
+    refused = [v for v in verdicts if not v.accepted]
+    width = max((len(v.model_type) for v in verdicts), default=0)
+    return ([f"supported model types ({len(accepted)}; positions the layer takes):"]
+            + [f"  {v.model_type:<{width}}  {v.positions}" for v in accepted]
+            + [f"refused model types ({len(refused)}; judged on transformers' default config and its last layer):"]
+            + [f"  {v.model_type:<{width}}  {v.refusal}" for v in refused])
+
+
+def print_families() -> int:
+    """Print every transformers language-model family, supported or refused (built on the meta device only)."""
+    from nnunetv2_llm.llm.family_list import classify_families
+
+    print("\n".join(family_lines(classify_families())))
+    return 0
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--exports", action="store_true", help="print the `export` lines a shell needs, nothing else")
+    parser.add_argument("--list-families", action="store_true",
+                        help="list the transformers model types whose layer can be used (with their position scheme) "
+                             "and the refused ones with the reason, then exit")
     parser.add_argument("--llm-source", help="validate this LLM source (HF model folder or .gguf) instead of "
                                              "$nnUNet_LLM_SOURCE / the embedded default")
     parser.add_argument("--llm-layer", help="validate this layer index (negative counts from the end)")
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.list_families:
+        return print_families()
     return print_info(args.llm_source, args.llm_layer, exports=args.exports)

@@ -1,4 +1,5 @@
-"""Head-to-head comparison of nnU-Net v2 trainers on their cross-validation predictions.
+"""Head-to-head comparison of nnU-Net v2 trainers (and their seed variants) on their cross-validation predictions
+of one or more datasets.
 
 Compute is separate from rendering:
 
@@ -6,8 +7,10 @@ Compute is separate from rendering:
   folder).
 * ``discover``: trainer folders, validation predictions, the expected cases from ``splits_final.json``, pairing.
 * ``cases``: reading segmentations with nnU-Net's reader and the per-case metrics table.
-* ``curves``: training curves from a fold's checkpoint or logs.
-* ``tables``: paired differences, means and paired tests (numbers only).
-* ``report``: the markdown report; ``figures``: the plots.
+* ``curves``: training curves from a fold's checkpoint or logs; ``compute``: its training hours and device.
+* ``tables``: seed means per case, paired differences, means, paired tests and the seed spread (numbers only);
+  ``evaluation.ranking``: the rankings across datasets.
+* ``report`` (per dataset) and ``report_runs`` (rankings, seed spread, compute): the markdown report;
+  ``figures``: the plots.
 * ``run``: ``compare`` and ``write_comparison``, which tie them together; ``cli``: ``nnunetv2_llm compare``.
 """

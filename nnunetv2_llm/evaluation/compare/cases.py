@@ -19,7 +19,8 @@ from nnunetv2_llm.evaluation.compare.checks import CompareError
 from nnunetv2_llm.evaluation.compare.discover import Discovery, val_command
 
 CSV_COLUMNS = [
-    "trainer", "fold", "case", "label", "label_name", "dice", "nsd", "hd95", "ref_empty", "pred_empty", "paired"
+    "dataset", "trainer", "seed", "fold", "case", "label", "label_name", "dice", "nsd", "hd95", "ref_empty",
+    "pred_empty", "paired"
 ]
 
 
@@ -37,10 +38,12 @@ class Case(NamedTuple):
     reader: type  # nnU-Net's BaseReaderWriter subclass for the dataset
     prediction_fix: str  # what regenerates the prediction
     ground_truth_fix: str
+    nsd_method: str = "surface"  # see ``metrics.surface_dice``
 
 
-def case_tasks(discovery: Discovery) -> list[Case]:
-    """One ``Case`` per prediction, with its ground truth from ``gt_segmentations`` and nnU-Net's reader.
+def case_tasks(discovery: Discovery, nsd_method: str = "surface") -> list[Case]:
+    """One ``Case`` per prediction, with its ground truth from ``gt_segmentations`` and nnU-Net's reader;
+    ``nsd_method``: ``"surface"`` or ``"boundary"`` (``metrics.surface_dice``).
 
     Raises:
         CompareError: a ground truth file is missing, or no nnU-Net reader opens the first one.
@@ -55,18 +58,34 @@ def case_tasks(discovery: Discovery) -> list[Case]:
     reader = _reader(discovery.dataset_json, min(gt_paths.values()), gt_fix)
     d = discovery
     return [Case(t, f, case, d.predictions[(t, f)][case], gt_path, list(d.labels), d.ignore_label, d.tolerance,
-                 reader, f"regenerate it: {val_command(d.command, f, t)}", gt_fix)
+                 reader, f"regenerate it: {val_command(d.command, f, t)}", gt_fix, nsd_method)
             for (t, f, case), gt_path in gt_paths.items()]
 
 
-def per_case_table(tasks: list[Case], discovery: Discovery, workers: int) -> pd.DataFrame:
-    """The ``CSV_COLUMNS`` table, one row per case and label, in the trainers' order; ``workers`` > 1 evaluates
-    the cases in a spawned process pool (each worker first imports torch and MONAI, several seconds)."""
+def per_case_table(tasks: list[Case], discovery: Discovery, workers: int,
+                   runs: Mapping[str, tuple[str, int | None]] | None = None) -> pd.DataFrame:
+    """The ``CSV_COLUMNS`` table, one row per case and label, in the model folders' order.
+
+    Args:
+        tasks: from ``case_tasks``.
+        discovery: what ``discover`` found (its trainers are the model folders' trainer names).
+        workers: > 1 evaluates the cases in a spawned process pool (each worker first imports torch and MONAI,
+            several seconds).
+        runs: ``{model folder trainer name: (trainer, seed)}`` for seed variants; None: each name is its own
+            trainer without a seed.
+
+    Returns:
+        The table; ``trainer`` is the trainer without its seed suffix, ``seed`` the seed (empty without seeds).
+    """
     df = pd.DataFrame([row for rows in _map(evaluate_case, tasks, workers) for row in rows])
     df["label_name"] = df["label"].map(discovery.labels)
     df["paired"] = [(f, c) in discovery.paired for f, c in zip(df["fold"], df["case"], strict=True)]
-    order = _trainer_order(discovery.trainers)
-    return df.sort_values(["trainer", "fold", "case", "label"], key=order)[CSV_COLUMNS]
+    df = df.sort_values(["trainer", "fold", "case", "label"], key=_trainer_order(discovery.trainers))
+    runs = runs or {t: (t, None) for t in discovery.trainers}
+    df["seed"] = pd.array([runs[t][1] for t in df["trainer"]], dtype="Int64")
+    df["trainer"] = [runs[t][0] for t in df["trainer"]]
+    df["dataset"] = discovery.name
+    return df[CSV_COLUMNS]
 
 
 def evaluate_case(task: Case) -> list[dict]:
@@ -86,7 +105,7 @@ def evaluate_case(task: Case) -> list[dict]:
         )
     if task.ignore_label is not None:  # voxels marked 'ignore' in the reference do not count
         pred = np.where(ref == task.ignore_label, 0, pred)
-    rows = case_metrics(pred, ref, spacing, task.labels, task.tolerance)
+    rows = case_metrics(pred, ref, spacing, task.labels, task.tolerance, task.nsd_method)
     return [{"trainer": task.trainer, "fold": task.fold, "case": task.case, **row} for row in rows]
 
 

@@ -11,7 +11,7 @@ from nnunetv2_llm.common.outputs import OutputRule, check_output_folder
 
 # Every file a comparison report consists of (sweep-layers adds dice_per_layer.png): --overwrite replaces these
 # and removes the ones a new run does not write, so old and new outputs never mix.
-REPORT_FILES = ("per_case_metrics.csv", "report.md", "paired_differences.png", "training_curves.png",
+REPORT_FILES = ("per_case_metrics.csv", "ranking.csv", "report.md", "paired_differences.png", "training_curves.png",
                 "dice_per_layer.png")
 
 
@@ -53,3 +53,18 @@ def check_tolerance(tolerance: float | Mapping[int, float], labels: Mapping[int,
         if not (isinstance(mm, (int, float)) and math.isfinite(mm) and mm > 0):
             where = "" if label is None else f" of label {label}"
             raise CompareError(f"--nsd-tolerance-mm: the tolerance{where} must be a finite number of mm > 0, got {mm}")
+
+
+def check_runs(datasets: Sequence[str | int], seeds: Sequence[int] | None, nsd_method: str) -> None:
+    """CompareError unless at least one dataset is given, none twice (as given: ``4`` and ``Dataset004_X`` are
+    told apart only once resolved), the seeds are distinct non-negative integers and the NSD method is known."""
+    from nnunetv2_llm.evaluation.metrics.surface_dice import NSD_METHODS
+
+    names = [str(d) for d in datasets]
+    if not names or len(set(names)) != len(names):
+        raise CompareError(f"give at least one dataset, each once, got {names}", "-d")
+    if seeds is not None and (not seeds or len(set(seeds)) != len(seeds)
+                              or any(not isinstance(s, int) or s < 0 for s in seeds)):
+        raise CompareError(f"--seeds: give distinct non-negative integers, got {list(seeds)}", "--seeds")
+    if nsd_method not in NSD_METHODS:
+        raise CompareError(f"--nsd-method: one of {', '.join(NSD_METHODS)}, got {nsd_method!r}", "--nsd-method")

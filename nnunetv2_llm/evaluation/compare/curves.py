@@ -56,9 +56,9 @@ def _curves_from_checkpoint(path: Path) -> pd.DataFrame:
     from nnunetv2_llm.trainers.reliability.checkpoint_io import CheckpointUnreadable, load_checkpoint_file
 
     log = load_checkpoint_file(path).get("logging")  # weights_only: nothing in it can run code
-    if not isinstance(log, dict):
-        raise CheckpointUnreadable(str(path), "it holds no training log ('logging')")
     columns = {"train_loss": "train_losses", "val_loss": "val_losses", "pseudo_dice": "mean_fg_dice"}
+    if not isinstance(log, dict) or any(k not in log for k in columns.values()):
+        raise CheckpointUnreadable(str(path), "it holds no training log ('logging' with the losses)")
     n = min(len(log[k]) for k in columns.values())
     return pd.DataFrame({"epoch": range(n), **{c: np.asarray(log[k][:n], dtype=float) for c, k in columns.items()}})
 

@@ -56,3 +56,34 @@ def paired_tests(diffs: pd.DataFrame, trainers: Sequence[str], labels: Mapping[i
                                                                    g["reference"].to_numpy(), metric)))
     p_holm = holm([r.p_value for *_, r in results])
     return [PairedTest(*row, float(p)) for row, p in zip(results, p_holm, strict=True)]
+
+
+def seed_means(paired_df: pd.DataFrame) -> pd.DataFrame:
+    """Each trainer's metrics per case averaged over its seeds: one row per ``dataset, trainer, fold, case,
+    label`` (the unit of the paired tests and rankings; without seeds, the rows as they are)."""
+    keys = ["dataset", "trainer", "fold", "case", "label", "label_name"]
+    return paired_df.groupby(keys, sort=False, as_index=False)[list(METRIC_TITLES)].mean()
+
+
+def seed_spread(paired_df: pd.DataFrame, trainers: Sequence[str]) -> pd.DataFrame:
+    """Mean and sd over seeds of each trainer's fold means, next to its difference to the reference.
+
+    Args:
+        paired_df: the per-case table's paired rows of one dataset, with a ``seed`` per row.
+        trainers: the trainers (without seed suffix); the first is the reference.
+
+    Returns:
+        ``label, label_name, metric, trainer, seeds, mean, sd, diff``: per seed, the mean over folds of the fold
+        means over paired cases; ``mean``/``sd`` over seeds (sd ``ddof=1``, NaN for one seed); ``diff`` the
+        trainer's ``mean`` minus the reference's.
+    """
+    per_seed = (paired_df.groupby(["trainer", "seed", "label", "label_name", "fold"], dropna=False)[list(METRIC_TITLES)]
+                .mean().groupby(["trainer", "seed", "label", "label_name"], dropna=False).mean().reset_index()
+                .melt(id_vars=["trainer", "seed", "label", "label_name"], var_name="metric"))
+    out = (per_seed.groupby(["label", "label_name", "metric", "trainer"])["value"]
+           .agg(seeds="count", mean="mean", sd="std").reset_index())
+    reference = out[out["trainer"] == trainers[0]].set_index(["label", "metric"])["mean"]
+    out["diff"] = out["mean"].to_numpy() - reference.loc[list(zip(out["label"], out["metric"], strict=True))].to_numpy()
+    order = {t: i for i, t in enumerate(trainers)}
+    return out.sort_values(["label", "metric", "trainer"], key=lambda c: c.map(order) if c.name == "trainer" else c,
+                           ignore_index=True)

@@ -18,6 +18,9 @@ at the ~1 mm in-plane resolution of typical CT/MR, so it accepts a one-voxel bou
 disagreement and nothing more. Ideally the tolerance is the inter-rater variability of each
 structure (Nikolov et al. 2021, Metrics Reloaded); pass a per-label mapping when that is known.
 Note that with thick slices (e.g. 3 mm) a one-slice shift exceeds 1 mm.
+
+NSD convention: ``nsd_method`` ``"surface"`` (default, Nikolov et al.'s surface elements) or ``"boundary"``
+(boundary voxels); see ``surface_dice``.
 """
 
 from collections.abc import Mapping, Sequence
@@ -29,6 +32,7 @@ from nnunetv2_llm.evaluation.metrics.hausdorff import hausdorff95
 from nnunetv2_llm.evaluation.metrics.surface_dice import surface_dice
 
 DEFAULT_NSD_TOLERANCE_MM = 1.0
+DEFAULT_NSD_METHOD = "surface"
 
 
 def image_diagonal_mm(shape: Sequence[int], spacing: Sequence[float]) -> float:
@@ -44,7 +48,8 @@ def image_diagonal_mm(shape: Sequence[int], spacing: Sequence[float]) -> float:
     return float(np.sqrt(np.sum((np.asarray(shape, float) * np.asarray(spacing, float)) ** 2)))
 
 
-def binary_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], nsd_tolerance_mm: float) -> dict:
+def binary_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], nsd_tolerance_mm: float,
+                   nsd_method: str = DEFAULT_NSD_METHOD) -> dict:
     """Dice, NSD and HD95 of two boolean masks, with the module's empty-mask and single-slice conventions.
 
     Args:
@@ -52,12 +57,13 @@ def binary_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], 
         ref: reference mask, same shape.
         spacing: voxel size in mm per axis, in the arrays' axis order.
         nsd_tolerance_mm: NSD tolerance in mm.
+        nsd_method: ``"surface"`` or ``"boundary"`` (see ``surface_dice``).
 
     Returns:
         ``{dice, nsd, hd95, ref_empty, pred_empty}``; HD95 in mm.
 
     Raises:
-        ValueError: the masks' shapes differ, or ``spacing`` has not one value per axis.
+        ValueError: the masks' shapes differ, ``spacing`` has not one value per axis, or ``nsd_method`` is unknown.
     """
     if pred.shape != ref.shape or len(spacing) != ref.ndim:
         raise ValueError(f"shape mismatch: pred {pred.shape}, ref {ref.shape}, spacing {tuple(spacing)}")
@@ -68,7 +74,7 @@ def binary_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], 
         return {"dice": 1.0, "nsd": 1.0, "hd95": 0.0, **out}
     if ref_empty or pred_empty:
         return {"dice": 0.0, "nsd": 0.0, "hd95": image_diagonal_mm(ref.shape, spacing), **out}
-    return {"dice": dice(pred, ref), "nsd": surface_dice(pred, ref, spacing, nsd_tolerance_mm),
+    return {"dice": dice(pred, ref), "nsd": surface_dice(pred, ref, spacing, nsd_tolerance_mm, nsd_method),
             "hd95": hausdorff95(pred, ref, spacing), **out}
 
 
@@ -78,6 +84,7 @@ def case_metrics(
     spacing: Sequence[float],
     labels: Sequence[int],
     nsd_tolerance_mm: float | Mapping[int, float] = DEFAULT_NSD_TOLERANCE_MM,
+    nsd_method: str = DEFAULT_NSD_METHOD,
 ) -> list[dict]:
     """Metrics of one case for each label of two integer label maps.
 
@@ -88,6 +95,7 @@ def case_metrics(
         labels: label values to evaluate (usually every foreground label).
         nsd_tolerance_mm: NSD tolerance in mm, one value for all labels or ``{label: mm}``
             (labels missing from the mapping use ``DEFAULT_NSD_TOLERANCE_MM``).
+        nsd_method: ``"surface"`` or ``"boundary"`` (see ``surface_dice``).
 
     Returns:
         One dict per label: ``{label, dice, nsd, hd95, ref_empty, pred_empty}``; HD95 in mm.
@@ -102,7 +110,7 @@ def case_metrics(
             if isinstance(nsd_tolerance_mm, Mapping)
             else nsd_tolerance_mm
         )
-        rows.append({"label": label, **binary_metrics(pred == label, ref == label, spacing, tol)})
+        rows.append({"label": label, **binary_metrics(pred == label, ref == label, spacing, tol, nsd_method)})
     return rows
 
 

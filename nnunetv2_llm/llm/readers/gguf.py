@@ -19,6 +19,7 @@ from nnunetv2_llm.llm.source import ENV_SOURCE, one_line
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
+    from transformers.modeling_gguf_pytorch_utils import TensorProcessor
 
     from nnunetv2_llm.llm.blueprint import LayerBlueprint
 
@@ -74,11 +75,21 @@ def gguf_architecture(path: Path) -> str:
                               ENV_SOURCE) from None
 
 
-def gguf_supported_types() -> set[str]:
-    """Tensor types gguf's numpy code can de-quantise (F32, F16 and the quantisations it implements)."""
-    from gguf import GGMLQuantizationType, quants
+@functools.lru_cache(maxsize=1)
+def gguf_supported_types() -> frozenset[str]:
+    """Tensor types gguf's numpy code can de-quantise (F32, F16, BF16 and the quantisations it implements): those
+    for which ``gguf.dequantize`` of one all-zero block works."""
+    import numpy as np
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, dequantize
 
-    return {"F32", "F16"} | {t.name for t in GGMLQuantizationType if t in getattr(quants, "_type_traits", {})}
+    supported = set()
+    for qtype in GGMLQuantizationType:
+        try:
+            dequantize(np.zeros((1, GGML_QUANT_SIZES[qtype][1]), dtype=np.uint8), qtype)
+        except NotImplementedError:
+            continue
+        supported.add(qtype.name)
+    return frozenset(supported)
 
 
 def _layer_tensors(path: Path, index: int) -> list:
@@ -94,20 +105,65 @@ def _layer_tensors(path: Path, index: int) -> list:
     return layer_tensors
 
 
+def _check_legacy_architecture(path: Path, architecture: str) -> None:
+    """Refuse an architecture that transformers reads only through its newer GGUF path (``GGUF_ARCHS``, e.g. qwen35):
+    its value transforms (norm offsets, head reorders) are not in the tensor processors used here."""
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+
+    try:
+        from transformers.integrations.gguf.gguf_conversion_mapping import GGUF_ARCHS
+    except ImportError:  # transformers before the packed loader: every architecture goes through the processors
+        return
+    if architecture in GGUF_ARCHS and architecture not in GGUF_CONFIG_MAPPING:
+        raise LLMSettingError(f"GGUF architecture '{architecture}' of '{path}' is read by transformers' packed GGUF "
+                              "loader only, which single-layer reading does not support; use the model's "
+                              "safetensors folder", ENV_SOURCE)
+
+
+def _layer_name_map(blueprint: LayerBlueprint, config: PretrainedConfig, architecture: str, index: int,
+                    processor: TensorProcessor) -> dict[str, str]:
+    """GGUF name -> HF name for layer ``index``, as transformers maps a ``*ForCausalLM``: the layer sits at its
+    path in that model (``model.layers.{index}``), since gguf's name tables list some tensors (phi3's fused QKV,
+    starcoder2's MLP) only under it. Only that layer is mapped, whatever the model's depth."""
+    from torch import nn
+    from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
+
+    model = blueprint.meta_model
+    list_path = next(name for name, module in model.named_modules() if isinstance(module, nn.ModuleList)
+                     and name.split(".")[-1] == blueprint.layer_list_name
+                     and len(module) == config.num_hidden_layers)
+    holder = nn.Module()
+    parent = holder
+    for part in [model.base_model_prefix, *list_path.split(".")]:
+        parent.add_module(part, nn.Module())
+        parent = getattr(parent, part)
+    parent.add_module(str(index), model.get_submodule(f"{list_path}.{index}"))
+    return get_gguf_hf_weights_map(holder, processor, model_type=architecture,
+                                   num_layers=config.num_hidden_layers)
+
+
 def read_gguf_layer(path: Path, config: PretrainedConfig, index: int,
                     blueprint: LayerBlueprint) -> dict[str, torch.Tensor]:
-    """Layer ``index`` of a GGUF file de-quantised to float32, keys relative to the layer (``mlp.up_proj.weight``)."""
+    """Layer ``index`` of a GGUF file de-quantised to float32, keys relative to the layer (``mlp.up_proj.weight``).
+
+    Only the ``blk.{index}.*`` tensors are de-quantised (``gguf.dequantize``), then processed and named by
+    transformers' own GGUF tensor processor and name mapping for the file's architecture.
+
+    Raises:
+        LLMSettingError: the file, its architecture or a tensor type cannot be read.
+    """
     import numpy as np
     from gguf import dequantize
-    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
 
     architecture = gguf_architecture(path)
+    _check_legacy_architecture(path, architecture)
     layer_tensors = _layer_tensors(path, index)
     try:
-        parsed = {"config": config.to_dict()}
+        parsed = {"config": config.to_dict(), "tensors": {}}
         processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=parsed["config"])
         with gguf_speedups():
-            name_map = get_gguf_hf_weights_map(blueprint.meta_model, processor)
+            name_map = _layer_name_map(blueprint, config, architecture, index, processor)
         pattern = blueprint.key_pattern(index)
         tensors = {}
         for tensor in layer_tensors:
@@ -117,7 +173,7 @@ def read_gguf_layer(path: Path, config: PretrainedConfig, index: int,
             match = pattern.match(name_map.get(result.name, ""))
             if match:
                 tensors[match.group(1)] = torch.from_numpy(np.array(result.weights, dtype=np.float32))
-    except Exception as e:  # unsupported quantisation, truncated file, unknown architecture
+    except Exception as e:  # truncated file, unknown architecture, a processor failing on odd shapes
         raise LLMSettingError(f"could not read layer {index} from GGUF file '{path}': {one_line(e)}",
                               ENV_SOURCE) from None
     finally:

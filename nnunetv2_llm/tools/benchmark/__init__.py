@@ -1,9 +1,10 @@
 """``nnunetv2_llm benchmark``: what the LLM block costs next to nnU-Net, measured side by side in one process.
 
 ``run_benchmark`` runs the measurements in order; the modules hold them: ``cli`` (arguments, input checks,
-environment), ``trainers`` (building trainers, batches), ``timing`` (training and inference times, paired ratios,
-verdicts), ``flops``, ``memory`` (the probe in a fresh process, through ``measurement``), ``environment``
-(versions, commit), ``report`` (assembling the numbers, rendering markdown).
+environment), ``trainers`` (building trainers, batches), ``plan_presets`` (plans nnU-Net's planner makes for described
+datasets: BraTS-sized 3d, large 2d), ``timing`` (training and inference times, paired ratios, verdicts), ``flops``,
+``dispatch_counts`` (the operations the block dispatches per step), ``memory`` (the probe in a fresh process, through
+``measurement``), ``environment`` (versions, commit), ``report`` (assembling the numbers, rendering markdown).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import argparse
 import time
 from typing import TYPE_CHECKING
 
+from nnunetv2_llm.tools.benchmark.dispatch_counts import block_op_counts
 from nnunetv2_llm.tools.benchmark.environment import environment_info
 from nnunetv2_llm.tools.benchmark.flops import count_flops, layer_linear_class, matmul_rates
 from nnunetv2_llm.tools.benchmark.memory import measure_memory
@@ -41,8 +43,9 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     configure_torch(device)
     names = list(dict.fromkeys(args.trainers))
     env = environment_info(device)
+    what = f"plan preset {args.plan_preset}" if getattr(args, "plan_preset", None) else f"dataset {args.dataset}"
     print(f"benchmark: {', '.join(names)} on {device.type} ({env.get('gpu') or env.get('cpu')}), "
-          f"dataset {args.dataset} {args.configuration}", flush=True)
+          f"{what} {args.configuration}", flush=True)
     memory = {}
     if args.memory_steps > 0:
         print("memory (one fresh process per trainer):", flush=True)
@@ -51,6 +54,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     trainers = _build_trainers(names, args, device)
     first = trainers[names[0]]
     plan = plan_info(first, args.configuration)
+    plan["preset"] = getattr(args, "plan_preset", None)
+    plan["batch_size_override"] = getattr(args, "batch_size", None)
     llm = {name: info for name, t in trainers.items() if (info := llm_info(t)) is not None}
     params = {name: parameter_counts(t.network) for name, t in trainers.items()}
 
@@ -61,6 +66,12 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     training = time_training(trainers, batches, args.warmup, args.iterations, device,
                              getattr(args, "nnunet_train_step", False))
     inference_times, case_info = _time_inference(trainers, args, device)
+    ops = {name: counts for name, t in trainers.items()
+           if (counts := block_op_counts(t, plan["bottleneck_shape"], device)) is not None}
+    for name, counts in ops.items():
+        print(f"  {name}: the LLM block dispatches {counts['total']} operations per training step "
+              f"({counts['forward']} forward, {counts['backward']} backward; {counts['own']} its own, "
+              f"{counts['mixer']} the token mixer's)", flush=True)
     flops, rates = {}, {}
     if not args.no_flops:
         print("counting FLOPs of one training step per trainer", flush=True)
@@ -72,7 +83,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     for t in trainers.values():
         t.network.eval()
     results = assemble(Measurements(names, names[0], env, plan, llm, params, training, inference_times, case_info,
-                                    flops, rates, memory), args)
+                                    flops, rates, memory, ops), args)
     del trainers, first
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -14,7 +14,11 @@ deep-supervision loss) it measures
   ``torch.cuda.max_memory_allocated`` on CUDA, over building the trainer and a few training steps;
 - trainable and frozen parameter counts, frozen bytes;
 - FLOPs of one training step (forward + backward, ``torch.utils.flop_counter``) for the whole network and for the
-  LLM block and its layer, and the floor: the layer's FLOPs at the device's measured matrix-multiply rate.
+  LLM block and its layer, and the floor: the layer's FLOPs at the device's measured matrix-multiply rate;
+- the ATen operations the LLM block dispatches in a training step (forward and backward, ``dispatch_counts``).
+
+``--plan-preset`` replaces the dataset by the plans nnU-Net's planner makes for a described dataset (``plan_presets``:
+BraTS-sized 3d_fullres, large-image 2d, Hippocampus), timed on synthetic batches, without inference.
 
 Writes ``benchmark.json`` (with the raw per-round times) and ``benchmark.md`` to ``--output`` and prints the
 table. Step and inference verdicts judge the paired median ratio by its bootstrap 95% CI: ok, OVER, or undecided.
@@ -38,12 +42,13 @@ from nnunetv2_llm.common.nnunet_commands import (
 )
 from nnunetv2_llm.common.outputs import check_report_free, write_json_and_markdown
 from nnunetv2_llm.tools import benchmark
+from nnunetv2_llm.tools.benchmark.plan_presets import PRESETS, preset_names
 from nnunetv2_llm.tools.benchmark.report import to_markdown
 
 DEFAULT_TRAINERS = ("nnUNetTrainer", "nnUNetTrainerLLM", "nnUNetTrainerLLMNoLLM")
 # The smallest value of each count option (the benchmark divides by or cycles through these).
 COUNT_MINIMUMS = {"--iterations": 1, "--batches": 1, "--warmup": 0, "--inference-cases": 0,
-                  "--inference-repeats": 0, "--memory-steps": 0}
+                  "--inference-repeats": 0, "--memory-steps": 0, "--batch-size": 1}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,8 +62,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _add_what_arguments(parser: argparse.ArgumentParser) -> None:
     """Dataset, trainers, device and LLM choice."""
-    parser.add_argument("-d", "--dataset", required=True, help="dataset id or name (DatasetXXX_Name)")
-    parser.add_argument("-c", "--configuration", default="3d_fullres")
+    parser.add_argument("-d", "--dataset", default=None, help="dataset id or name (DatasetXXX_Name); or --plan-preset")
+    parser.add_argument("--plan-preset", default=None, choices=preset_names(),
+                        help="instead of a dataset: the plans nnU-Net's planner makes for a described dataset "
+                             "(brats_3d: 128^3 patches, batch 2; large_2d: 512^2, batch 12; hippocampus: 40x56x40, "
+                             "batch 9), timed on synthetic batches; no inference")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="replace the plans' batch size (default: as planned), e.g. to fit a large plan into a "
+                             "CPU's memory: FLOP shares do not depend on it, tokens per step scale with it")
+    parser.add_argument("-c", "--configuration", default=None,
+                        help="default: 3d_fullres, or the preset's configuration")
     parser.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier")
     parser.add_argument("-f", "--fold", type=int, default=0, help="fold whose validation cases are used for inference")
     parser.add_argument("-tr", "--trainers", nargs="+", default=list(DEFAULT_TRAINERS),
@@ -115,9 +128,10 @@ def _prepare_environment(args: argparse.Namespace, trainer_logs: str) -> None:
 
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ["nnUNet_extTrainer"] = ext_trainer_value()
+    _resolve_plan_source(args)
     if args.preprocessed:
         os.environ["nnUNet_preprocessed"] = str(Path(args.preprocessed).resolve())
-    if not os.environ.get("nnUNet_preprocessed"):
+    if not args.plan_preset and not os.environ.get("nnUNet_preprocessed"):
         raise LLMSettingError("no preprocessed data: set nnUNet_preprocessed or pass --preprocessed "
                               "(`nnunetv2_llm demo` or nnUNetv2_plan_and_preprocess makes it)", "nnUNet_preprocessed")
     os.environ["nnUNet_results"] = trainer_logs
@@ -134,18 +148,46 @@ def _prepare_environment(args: argparse.Namespace, trainer_logs: str) -> None:
     _check_llm_choice(args.trainers, source, args.llm_layer)
 
 
+def _resolve_plan_source(args: argparse.Namespace) -> None:
+    """Exactly one of a dataset and a plan preset; a preset fixes the configuration and implies synthetic batches and
+    no inference (it has no cases)."""
+    from nnunetv2_llm.common.errors import LLMSettingError
+
+    if bool(args.dataset) == bool(args.plan_preset):
+        raise LLMSettingError("give either a dataset (-d) or --plan-preset, not both or neither", "-d / --plan-preset")
+    if not args.plan_preset:
+        args.configuration = args.configuration or "3d_fullres"
+        return
+    configuration = PRESETS[args.plan_preset].configuration
+    if args.configuration not in (None, configuration):
+        raise LLMSettingError(f"--plan-preset {args.plan_preset} plans {configuration}, not {args.configuration}", "-c")
+    args.configuration = configuration
+    args.synthetic_batches = True
+    args.inference_cases = 0
+
+
 def _check_counts(args: argparse.Namespace) -> None:
     from nnunetv2_llm.common.errors import LLMSettingError
 
     for flag, minimum in COUNT_MINIMUMS.items():
         value = getattr(args, flag[2:].replace("-", "_"))
-        if value < minimum:
+        if value is not None and value < minimum:
             raise LLMSettingError(f"{flag} must be at least {minimum}, got {value}", flag)
 
 
 def _check_inputs(args: argparse.Namespace) -> None:
     """The dataset, its plans, preprocessed data and fold, every trainer class, the output folder and the device,
     checked before anything is measured."""
+    if not args.plan_preset:
+        _check_dataset(args)
+    check_trainer_names(args.trainers)
+    check_report_free(args.output, "benchmark", args.overwrite)
+    if args.device != "auto":
+        check_device(args.device)
+
+
+def _check_dataset(args: argparse.Namespace) -> None:
+    """The dataset is preprocessed for the configuration and plans, and the fold is in its split."""
     from nnunetv2_llm.common.errors import LLMSettingError
 
     dataset_id = nnunet_dataset_id(args.dataset)
@@ -156,10 +198,6 @@ def _check_inputs(args: argparse.Namespace) -> None:
                               f"nnUNetv2_plan_and_preprocess -d {dataset_id} -c {args.configuration}",
                               "-d / -c / -p / --preprocessed")
     check_folds(folder, [args.fold])
-    check_trainer_names(args.trainers)
-    check_report_free(args.output, "benchmark", args.overwrite)
-    if args.device != "auto":
-        check_device(args.device)
 
 
 def _check_llm_choice(trainers: list[str], source: str | None, layer: str | None) -> None:

@@ -30,8 +30,9 @@ def measure_memory(names: list[str], args: argparse.Namespace, device: torch.dev
     ``{"error": ...}`` for a trainer whose probe failed."""
     results = {}
     for name in names:
-        request = {"trainer": name, "dataset": str(args.dataset), "configuration": args.configuration,
-                   "plans": args.plans, "fold": args.fold, "device": device.type, "steps": args.memory_steps}
+        request = {"trainer": name, "dataset": args.dataset and str(args.dataset), "plan_preset": args.plan_preset,
+                   "batch_size": args.batch_size, "configuration": args.configuration, "plans": args.plans,
+                   "fold": args.fold, "device": device.type, "steps": args.memory_steps}
         try:
             results[name] = run_measurement(PROBE_ARGV, request)
         except MeasurementFailed as e:
@@ -65,8 +66,9 @@ def memory_probe(request: dict) -> dict:
     peak_imports = peak_rss()
     peak_reset = reset_peak_rss()
     rss_imports = current_rss()
-    args = argparse.Namespace(dataset=request["dataset"], configuration=request["configuration"],
-                              plans=request["plans"], fold=request["fold"])
+    args = argparse.Namespace(dataset=request["dataset"], plan_preset=request.get("plan_preset"),
+                              batch_size=request.get("batch_size"),
+                              configuration=request["configuration"], plans=request["plans"], fold=request["fold"])
     trainer = build_trainer(request["trainer"], args, device)
     gc.collect()
     rss_built = current_rss()

@@ -4,7 +4,7 @@ benchmark.json), and the markdown rendered from them (``to_markdown``, for bench
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from nnunetv2_llm.tools.benchmark.timing import paired_ratio, summary_stats, verdict
 
@@ -30,6 +30,7 @@ class Measurements:
     flops: dict[str, dict]
     rates: dict[str, dict]  # matmul rates per layer dtype
     memory: dict[str, dict]
+    block_ops: dict[str, dict] = field(default_factory=dict)  # dispatch_counts.block_op_counts, trainers with a block
 
 
 # ----------------------------------------------------------------------------------------------- compute
@@ -43,6 +44,8 @@ def assemble(m: Measurements, args: argparse.Namespace) -> dict:
             row["memory"] = _memory_row(m, n)
         if m.flops.get(n) is not None:
             row.update(_flops_row(m, n, row["step_extra_s"]))
+        if m.block_ops.get(n) is not None:
+            row["block_ops"] = m.block_ops[n]
     return {"environment": m.environment, "plan": m.plan, "baseline": m.baseline, "trainers": m.names,
             "settings": _settings(m.case_info, args), "matmul_rates": m.rates, "results": per_trainer,
             "targets": {"step_ratio": STEP_RATIO_TARGET, "inference_ratio": INFERENCE_RATIO_TARGET,
@@ -98,7 +101,8 @@ def _flops_row(m: Measurements, n: str, step_extra_s: float | None) -> dict:
     f = m.flops[n]
     base_total = m.flops[m.baseline]["total"]
     row = {"flops": {**f, "ratio": f["total"] / base_total if base_total else None,
-                     "layer_share_of_baseline": f["llm_layer"] / base_total if base_total else None}}
+                     "layer_share_of_baseline": f["llm_layer"] / base_total if base_total else None,
+                     "block_share": f["block"] / f["total"] if f["total"] else None}}
     dtype = m.params[n]["llm_layer_dtype"]
     if dtype in m.rates and f["llm_layer"]:
         floor = f["llm_layer"] / m.rates[dtype]["peak_flops_per_s"]
@@ -146,8 +150,8 @@ def _compile_state(results: dict) -> str:
 
 def to_markdown(results: dict) -> str:
     """benchmark.md: settings, one table row per trainer, the LLM block's FLOPs and memory, targets, verdicts."""
-    lines = (_header_lines(results) + _table_lines(results) + _flops_lines(results) + _memory_lines(results)
-             + _verdict_lines(results))
+    lines = (_header_lines(results) + _table_lines(results) + _flops_lines(results) + _ops_lines(results)
+             + _memory_lines(results) + _verdict_lines(results))
     return "\n".join(lines) + "\n"
 
 
@@ -161,7 +165,10 @@ def _header_lines(results: dict) -> list[str]:
         f"threads), nnunetv2 {env['nnunetv2']}, transformers {env['transformers']}, Python {env['python']}"
         + (f", CUDA {env.get('cuda')}" if env["device"] == "cuda" else "") + f"; commit {env.get('git_commit')}",
         f"- plans: {plan['network']} {plan['features_per_stage']}, patch {plan['patch_size']}, "
-        f"batch {plan['batch_size']}",
+        f"batch {plan['batch_size']}{' (--batch-size; not as planned)' if plan.get('batch_size_override') else ''}, "
+        f"bottleneck {plan.get('bottleneck_shape')}"
+        + (f" (preset {plan['preset']}: nnU-Net's planner on a described dataset, synthetic batches)"
+           if plan.get("preset") else ""),
         f"- training: {s['warmup']} warm-up + {s['iterations']} timed steps per trainer, alternating (order reversed "
         f"every other round); batches: {s['batch_source']}, {s['batches']} distinct; torch.compile "
         f"{_compile_state(results)}; train_step: {s.get('train_step', 'each trainer')}",
@@ -213,7 +220,8 @@ def _flops_lines(results: dict) -> list[str]:
         dtype = r["params"]["llm_layer_dtype"]
         rate = results["matmul_rates"].get(dtype, {})
         lines.append(
-            f"- {name}: LLM block {fl['block'] / 1e9:.1f} GFLOP/step, of which the layer "
+            f"- {name}: LLM block {fl['block'] / 1e9:.1f} GFLOP/step ({fl['block_share']:.4f} of the network's), "
+            f"of which the layer "
             f"{fl['llm_layer'] / 1e9:.1f} ({fl['tokens_per_step']} tokens/step, bottleneck {fl['bottleneck_shape']}); "
             f"layer / baseline network FLOPs {fl['layer_share_of_baseline']:.4f}; "
             f"floor = layer FLOPs at the measured {dtype} matmul rate "
@@ -221,6 +229,18 @@ def _flops_lines(results: dict) -> list[str]:
             f"measured extra {_fmt(r['step_extra_s'], '.4f')} s = {_fmt(r.get('extra_over_floor'), '.2f')} x floor")
         if r.get("compile_error"):
             lines.append(f"- {name}: torch.compile failed, measured eager: {r['compile_error']}")
+    return lines
+
+
+def _ops_lines(results: dict) -> list[str]:
+    """Per trainer with a block: the operations it dispatches in a training step."""
+    lines = []
+    for name, r in results["results"].items():
+        ops = r.get("block_ops")
+        if ops:
+            lines.append(f"- {name}: the LLM block dispatches {ops['total']} operations per training step "
+                         f"({ops['forward']} forward, {ops['backward']} backward); {ops['own']} its own, "
+                         f"{ops['mixer']} the token mixer's")
     return lines
 
 

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from nnunetv2_llm.common.nnunet_commands import dataset_folder, find_trainer_class, nnunet_dataset_id
+from nnunetv2_llm.tools.benchmark.plan_presets import DatasetDescription, plan_preset
 
 if TYPE_CHECKING:  # torch and nnU-Net are imported after the environment is set (OpenMP reads it once)
     import torch
@@ -45,28 +49,77 @@ def sync(device: torch.device) -> None:
 
 def build_trainer(name: str, args: argparse.Namespace, device: torch.device, quiet: bool = True) -> nnUNetTrainer:
     """The trainer as ``nnUNetv2_train`` builds it, initialised (network, optimizer, loss)."""
-    import contextlib
     import io
 
     import torch
-    from batchgenerators.utilities.file_and_folder_operations import join, load_json
-    from nnunetv2.paths import nnUNet_preprocessed
 
     torch.manual_seed(0)  # the same U-Net initialisation for every trainer
     sink = io.StringIO()
     with contextlib.redirect_stdout(sink) if quiet else contextlib.nullcontext():
         # nnunetv2.run.run_training.get_trainer_from_args, with a robust class lookup
         trainer_class = find_trainer_class(name)
-        base = str(dataset_folder(str(nnUNet_preprocessed), nnunet_dataset_id(args.dataset)))
-        plans = load_json(join(base, args.plans + ".json"))
+        plans, dataset_json = load_plans(args)
         plans["continue_training"] = False
         trainer = trainer_class(plans=plans, configuration=args.configuration, fold=args.fold,
-                                dataset_json=load_json(join(base, "dataset.json")), device=device)
-        trainer.initialize()
+                                dataset_json=dataset_json, device=device)
+        with _no_dataset_files() if getattr(args, "plan_preset", None) else contextlib.nullcontext():
+            trainer.initialize()
         trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()  # sets the inference mirror axes
     trainer.set_deep_supervision_enabled(True)
     trainer.network.train()
     return trainer
+
+
+@contextlib.contextmanager
+def _no_dataset_files() -> Iterator[None]:
+    """``initialize()`` picks the dataset class from the preprocessed files' ending; a plan preset has no files and its
+    batches are synthetic, so the class is never used: nnU-Net's default (blosc2) is named instead."""
+    from unittest import mock
+
+    from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
+
+    with mock.patch("nnunetv2.training.nnUNetTrainer.nnUNetTrainer.infer_dataset_class",
+                    lambda folder: nnUNetDatasetBlosc2):
+        yield
+
+
+def load_plans(args: argparse.Namespace) -> tuple[dict, dict]:
+    """The plans and dataset.json to build trainers from: a ``--plan-preset``'s (planned by nnU-Net's planner, no
+    data needed) or the preprocessed dataset's, with ``--batch-size`` replacing the planned batch size. A fresh copy
+    on every call (trainers write into their plans)."""
+    import copy
+
+    from batchgenerators.utilities.file_and_folder_operations import join, load_json
+    from nnunetv2.paths import nnUNet_preprocessed
+
+    preset = getattr(args, "plan_preset", None)
+    if preset:
+        plans, dataset_json, _ = _planned(preset)
+        plans, dataset_json = copy.deepcopy(plans), copy.deepcopy(dataset_json)
+    else:
+        base = str(dataset_folder(str(nnUNet_preprocessed), nnunet_dataset_id(args.dataset)))
+        plans, dataset_json = load_json(join(base, args.plans + ".json")), load_json(join(base, "dataset.json"))
+    if getattr(args, "batch_size", None):
+        plans["configurations"][args.configuration]["batch_size"] = args.batch_size
+    return plans, dataset_json
+
+
+@functools.lru_cache(maxsize=4)
+def _planned(preset: str) -> tuple[dict, dict, DatasetDescription]:
+    """nnU-Net's planner is run once per preset and process (it estimates memory of candidate networks)."""
+    return plan_preset(preset)
+
+
+def bottleneck_shape(trainer: nnUNetTrainer) -> list[int]:
+    """The input of the U-Net's bottleneck in a training step, from the plans: (B, C, *spatial), C the last stage's
+    features, spatial the patch divided by the product of the strides."""
+    import numpy as np
+
+    manager = trainer.configuration_manager
+    kwargs = manager.network_arch_init_kwargs
+    strides = np.prod(np.asarray(kwargs["strides"]), axis=0)
+    spatial = [int(p // s) for p, s in zip(manager.patch_size, strides, strict=True)]
+    return [int(trainer.batch_size), int(kwargs["features_per_stage"][-1]), *spatial]
 
 
 def parameter_counts(network: torch.nn.Module) -> dict[str, int | str | None]:
@@ -96,7 +149,8 @@ def plan_info(trainer: nnUNetTrainer, configuration: str) -> dict:
     return {"patch_size": [int(s) for s in manager.patch_size], "batch_size": trainer.batch_size,
             "network": manager.network_arch_class_name.split(".")[-1],
             "features_per_stage": manager.network_arch_init_kwargs.get("features_per_stage"),
-            "dataset": trainer.plans_manager.dataset_name, "configuration": configuration}
+            "dataset": trainer.plans_manager.dataset_name, "configuration": configuration,
+            "bottleneck_shape": bottleneck_shape(trainer)}
 
 
 def llm_info(trainer: nnUNetTrainer) -> dict | None:
