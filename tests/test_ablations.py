@@ -25,6 +25,7 @@ from nnunetv2_llm.model.spec import (
     frozen_layer_sha256,
     make_spec_and_layer,
 )
+from nnunetv2_llm.trainers.variants.unfrozen import LAYER_LR_SCALE
 
 
 @pytest.mark.parametrize("value,expected", [("20:24", range(20, 24)), ("-4:", range(26, 30)), (":2", range(0, 2)),
@@ -141,7 +142,7 @@ def test_stacked_unfrozen_full_rank_seeded_training_predicts_without_the_source(
     assert (spec.layer, spec.num_layers, spec.train_layer, spec.seed) == (1, 2, True, 1)
     checkpoint = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     groups = checkpoint["optimizer_state"]["param_groups"]
-    assert [g["lr_scale"] for g in groups] == [1.0, 0.01]
+    assert [g["lr_scale"] for g in groups] == [1.0, LAYER_LR_SCALE]
     # the layers' group holds both layers' tensors and they received gradients (two steps move them by less than
     # float32 resolves: the zero-initialised output projection passes no gradient at step 0)
     n_layer_tensors = sum(k.startswith(FROZEN_PREFIX) for k in checkpoint["network_weights"])
