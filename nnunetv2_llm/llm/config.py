@@ -51,11 +51,7 @@ def _gguf_config(source: Path) -> PretrainedConfig:
                                   f"transformers' GGUF loader; it maps: {', '.join(sorted(GGUF_CONFIG_MAPPING))}",
                                   ENV_SOURCE) from None
         raise
-    reason = config_refusal(config)
-    if reason:
-        raise LLMSettingError(f"GGUF architecture '{architecture}' of '{source}' (model type '{config.model_type}') "
-                              f"is not supported: {reason}", ENV_SOURCE)
-    return config
+    return config  # its family is checked by load_config, as a folder's
 
 
 def _folder_config(source: Path) -> PretrainedConfig:

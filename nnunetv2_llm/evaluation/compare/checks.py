@@ -57,14 +57,13 @@ def check_tolerance(tolerance: float | Mapping[int, float], labels: Mapping[int,
 
 def check_runs(datasets: Sequence[str | int], seeds: Sequence[int] | None, nsd_method: str) -> None:
     """CompareError unless at least one dataset is given, none twice (as given: ``4`` and ``Dataset004_X`` are
-    told apart only once resolved), the seeds are distinct non-negative integers and the NSD method is known."""
+    told apart only once resolved), the seeds pass ``trainer_names.check_seeds`` and the NSD method is known."""
+    from nnunetv2_llm.common.trainer_names import check_seeds
     from nnunetv2_llm.evaluation.metrics.surface_dice import NSD_METHODS
 
     names = [str(d) for d in datasets]
     if not names or len(set(names)) != len(names):
         raise CompareError(f"give at least one dataset, each once, got {names}", "-d")
-    if seeds is not None and (not seeds or len(set(seeds)) != len(seeds)
-                              or any(not isinstance(s, int) or s < 0 for s in seeds)):
-        raise CompareError(f"--seeds: give distinct non-negative integers, got {list(seeds)}", "--seeds")
+    check_seeds(seeds)
     if nsd_method not in NSD_METHODS:
         raise CompareError(f"--nsd-method: one of {', '.join(NSD_METHODS)}, got {nsd_method!r}", "--nsd-method")

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from nnunetv2_llm.common.outputs import staged_outputs
-from nnunetv2_llm.common.trainer_names import seeded_name
+from nnunetv2_llm.common.trainer_names import seed_runs
 from nnunetv2_llm.evaluation.compare.cases import case_tasks, per_case_table
 from nnunetv2_llm.evaluation.compare.checks import REPORT_FILES, check_comparable, check_output_dir, check_runs
 from nnunetv2_llm.evaluation.compare.compute import TrainingTime, training_time
@@ -153,7 +153,7 @@ def write_comparison(
 
     datasets = [datasets] if isinstance(datasets, (str, int)) else list(datasets)
     tolerance = DEFAULT_NSD_TOLERANCE_MM if nsd_tolerance_mm is None else nsd_tolerance_mm
-    runs = {seeded_name(t, s) if seeds is not None else t: (t, s) for t in trainers for s in (seeds or [None])}
+    runs = seed_runs(trainers, seeds)
     results = [_evaluate_dataset(d, configuration, list(trainers), list(folds), plans, tolerance, nsd_method, runs,
                                  seeds, (results_root, preprocessed_root), workers) for d in datasets]
     folder = Path(folder)

@@ -29,10 +29,11 @@ from nnunetv2_llm.common.nnunet_commands import (
     ensure_preprocessed,
     ensure_trained,
     nnunet_dataset_id,
-    trainer_fold_dir,
+    training_command,
 )
+from nnunetv2_llm.common.trainer_names import check_seeds, seed_runs
 from nnunetv2_llm.evaluation.head_to_head.local import DONE, DONE_SKIPPED, FAILED
-from nnunetv2_llm.evaluation.head_to_head.matrix import TrainingJob, check_seeds, job_matrix, trained_names
+from nnunetv2_llm.evaluation.head_to_head.matrix import TrainingJob, job_matrix
 from nnunetv2_llm.evaluation.head_to_head.runner import file_lock, fold_lock_path
 from nnunetv2_llm.evaluation.head_to_head.slurm import SlurmSettings, check_slurm_settings
 
@@ -114,13 +115,11 @@ def train_all(dataset_id: int, configuration: str, trainers: Sequence[str], fold
     console = Console(stderr=True)
     jobs = job_matrix([dataset_id], configuration, trainers, folds, plans=plans)
     for i, job in enumerate(jobs, 1):
-        fold_dir = trainer_fold_dir(env, dataset_id, configuration, job.trainer, job.fold, plans)
-        finished = fold_dir is not None and (fold_dir / "validation" / "summary.json").is_file()
+        command = training_command(dataset_id, configuration, job.trainer, job.fold, env, device, plans)
         left = ", ".join(f"{j.trainer} f{j.fold}" for j in jobs[i:]) or "nothing"
-        resuming = fold_dir is not None and (fold_dir / "checkpoint_latest.pth").is_file()
-        state = "done, skipped" if finished else "resuming" if resuming else "running"
+        state = "done, skipped" if command is None else "resuming" if "--c" in command else "running"
         console.rule(f"[bold]{i}/{len(jobs)}: {job.trainer} fold {job.fold} ({state})[/] — left: {left}")
-        if not finished:
+        if command is not None:  # decided again under the lock: another process may have finished it meanwhile
             with file_lock(fold_lock_path(job, env), lambda: console.print("waiting: another process trains it")):
                 ensure_trained(dataset_id, configuration, job.trainer, job.fold, env, device, plans)
 
@@ -168,7 +167,7 @@ def head_to_head(datasets: Sequence[str | int], configuration: str, trainers: Se
     check_launch(settings, device)
     env = require_nnunet_env()
     dataset_ids = list(dict.fromkeys(nnunet_dataset_id(d) for d in datasets))
-    check_trainer_names(trained_names(trainers, seeds))  # a misspelt name would fail only when its turn comes
+    check_trainer_names(list(seed_runs(trainers, seeds)))  # a misspelt name would fail only when its turn comes
     for dataset_id in dataset_ids:
         check_training_request(dataset_id, configuration, plans, folds, env)
     if settings.launcher == "local":  # SLURM jobs check theirs on their node (a login node may have no GPU)

@@ -6,8 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from nnunetv2_llm.common.errors import LLMSettingError
-from nnunetv2_llm.common.trainer_names import seeded_name
+from nnunetv2_llm.common.trainer_names import seed_runs
 
 
 @dataclass(frozen=True)
@@ -30,22 +29,6 @@ class TrainingJob:
         return Path(output_dir) / "logs" / f"{self.name}.log"
 
 
-def trained_names(trainers: Sequence[str], seeds: Sequence[int] | None) -> list[str]:
-    """The trainer classes trained: ``trainers`` themselves, or each one once per seed (``{T}_seed{K}``)."""
-    if not seeds:
-        return list(trainers)
-    return [seeded_name(trainer, seed) for trainer in trainers for seed in seeds]
-
-
-def check_seeds(seeds: Sequence[int] | None) -> None:
-    """LLMSettingError (``--seeds``) for a negative or repeated seed."""
-    if seeds is None:
-        return
-    bad = sorted({s for s in seeds if s < 0 or list(seeds).count(s) > 1})
-    if bad or not seeds:
-        raise LLMSettingError(f"seeds must be distinct non-negative integers, got {list(seeds)}", "--seeds")
-
-
 def job_matrix(dataset_ids: Sequence[int], configuration: str, trainers: Sequence[str], folds: Sequence[int | str],
                seeds: Sequence[int] | None = None, plans: str = "nnUNetPlans") -> list[TrainingJob]:
     """Every training of the head-to-head, dataset by dataset, then fold by fold (so that a dataset's first folds
@@ -61,7 +44,7 @@ def job_matrix(dataset_ids: Sequence[int], configuration: str, trainers: Sequenc
     Returns:
         The jobs, without duplicates.
     """
-    names = trained_names(trainers, seeds)
+    names = list(seed_runs(trainers, seeds))
     jobs = [TrainingJob(dataset_id, configuration, name, str(fold), plans)
             for dataset_id in dataset_ids for fold in folds for name in names]
     return list(dict.fromkeys(jobs))
