@@ -119,18 +119,27 @@ def test_family_layer_equals_the_full_models_layer_and_is_bidirectional(tmp_path
         assert (first - out[:, 0]).abs().max() > 1e-4  # the first token sees the last (past any window)
 
 
-def test_the_project_path_builds_the_same_layer(tmp_path):
-    """``make_spec`` + ``build_mixer`` (what the trainers run) give the layer tested above, for a learned-position
-    family whose config names its width n_embd, a partial-rotary one and a per-attention-type-rotary one."""
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_the_project_path_builds_the_same_layer(tmp_path, model_type):
+    """``make_spec`` + ``build_mixer`` (what the trainers run) give the layer tested above, and so does the
+    predictor's path: the spec read back from plans.json, a placeholder mixer, the checkpoint's weights, no source."""
+    import dataclasses
+    import json
+
     from nnunetv2_llm.model.network import build_mixer
-    from nnunetv2_llm.model.spec import LLMChoice, make_spec
+    from nnunetv2_llm.model.spec import BottleneckSpec, LLMChoice, make_spec
 
     tokens = torch.randn(1, TOKENS, 64)
-    for model_type in ("gpt2", "phi", "gemma3_text"):
-        folder = save_tiny(tmp_path / model_type, model_type)
-        mixer = build_mixer(make_spec(LLMChoice("pretrained", source=str(folder), layer=1)))
-        with torch.no_grad():
-            torch.testing.assert_close(mixer(tokens), project_layer(folder, 1)(tokens))
+    folder = save_tiny(tmp_path / model_type, model_type)
+    spec = make_spec(LLMChoice("pretrained", source=str(folder), layer=1))
+    mixer = build_mixer(spec)
+    expected = project_layer(folder, 1)(tokens).detach()
+    read_back = BottleneckSpec(**json.loads(json.dumps(dataclasses.asdict(spec), default=str)))
+    placeholder = build_mixer(dataclasses.replace(read_back, source=str(tmp_path / "gone")), from_checkpoint=True)
+    placeholder.load_state_dict(mixer.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(mixer(tokens), expected)
+        torch.testing.assert_close(placeholder(tokens), expected)
 
 
 def tiny_config_folder(folder: Path, model_type: str, **overrides) -> Path:
@@ -189,6 +198,7 @@ def test_a_built_in_causal_mask_is_opened_or_the_family_refused(tmp_path, monkey
 
 @pytest.mark.parametrize(("model_type", "expected"), [
     ("llama", "rotary"), ("stablelm", "rotary on 20 of 80 head dimensions (partial)"),
+    ("gpt_neox", "rotary on 24 of 96 head dimensions (partial)"), ("gptj", "rotary on 64 of 256 head dimensions"),
     ("gemma3_text", "rotary, base of its attention type 'sliding_attention'"),
     ("gpt2", "none in the layer (absolute positions live in the embedding layer: wpe)"),
     ("mixtral", "mixture-of-experts"), ("bert", "embeddings.position_embeddings"),
@@ -229,3 +239,12 @@ def test_list_families_command_and_its_cache(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(family_list, "classify_family", refuse)
     assert cli.main(["info", "--list-families"]) == 0
     assert capsys.readouterr().out == first
+
+
+def test_info_prints_the_positions_of_the_chosen_layers(tmp_path, capsys):
+    from nnunetv2_llm import cli
+
+    folder = save_tiny(tmp_path / "phi", "phi")
+    assert cli.main(["info", "--llm-source", str(folder), "--llm-layer", "0:2"]) == 0
+    out = capsys.readouterr().out
+    assert "positions:   rotary on 8 of 16 head dimensions (partial)\n" in out

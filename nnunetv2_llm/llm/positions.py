@@ -88,10 +88,12 @@ def position_inputs(config: PretrainedConfig, model: nn.Module, stack_name: str,
 def _rotary_scheme(layer: nn.Module, rotary: nn.Module, layer_type: str | None) -> str:
     """'rotary', with the share of each head it turns and the attention type whose base it uses."""
     inv_freq = getattr(rotary, f"{layer_type}_inv_freq" if layer_type else "inv_freq", None)
-    head_dim = next((m.head_dim for m in layer.modules() if isinstance(getattr(m, "head_dim", None), int)), 0)
+    head_dim = next((getattr(m, name) for m in layer.modules() for name in ("head_dim", "head_size")  # GPT-NeoX
+                     if isinstance(getattr(m, name, None), int)), 0)
+    turned = 2 * inv_freq.shape[-1] if isinstance(inv_freq, torch.Tensor) else getattr(rotary, "pos_embd_dim", 0)
     text = "rotary"
-    if isinstance(inv_freq, torch.Tensor) and 2 * inv_freq.shape[-1] < head_dim:
-        text += f" on {2 * inv_freq.shape[-1]} of {head_dim} head dimensions (partial)"
+    if 0 < turned < head_dim:  # GPT-J keeps a (positions, rotary dim) table, pos_embd_dim wide, instead of inv_freq
+        text += f" on {turned} of {head_dim} head dimensions (partial)"
     if layer_type:
         text += f", base of its attention type '{layer_type}'"
     return text

@@ -97,10 +97,8 @@ class BottleneckSpec:
         """The transformers config object, rebuilt from the stored dict (no file access)."""
         from transformers import AutoConfig
 
-        config = AutoConfig.for_model(self.model_type, **{k: v for k, v in self.llm_config.items()
-                                                          if k != "model_type" and k not in VOLATILE_CONFIG_KEYS})
-        config._attn_implementation = "sdpa"
-        return config
+        return AutoConfig.for_model(self.model_type, **{k: v for k, v in self.llm_config.items()
+                                                        if k != "model_type" and k not in VOLATILE_CONFIG_KEYS})
 
     def identity_for_comparison(self) -> dict:
         """What must match between a saved model folder and the current settings, in JSON form (so that a spec

@@ -17,14 +17,19 @@ def print_info(llm_source: str | None = None, llm_layer: str | None = None, expo
     if exports:
         print(export_lines())
         return 0
+    from nnunetv2_llm.llm.blueprint import check_layer, layer_blueprint
     from nnunetv2_llm.model.spec import LLMChoice, make_spec
 
     spec = make_spec(LLMChoice("pretrained", source=llm_source, layer=llm_layer))
+    config = spec.hf_config()
+    blueprint = layer_blueprint(config)
+    schemes = dict.fromkeys(check_layer(blueprint, config, i).scheme for i in spec.layers)
     print(f"LLM source:  {spec.source} ({spec.source_format}; from "
           f"{'--llm-source' if llm_source else ENV_SOURCE if os.environ.get(ENV_SOURCE) else 'embedded default'})")
-    print(f"LLM layer:   {spec.layer_label} of {spec.hf_config().num_hidden_layers} "
+    print(f"LLM layer:   {spec.layer_label} of {config.num_hidden_layers} "
           f"({'--llm-layer' if llm_layer else ENV_LAYER if os.environ.get(ENV_LAYER) else 'default: last'})")
     print(f"model type:  {spec.model_type}, hidden size {spec.width}, weights {spec.dtype}")
+    print(f"positions:   {'; '.join(schemes)}")
     print(f"layer sha256: {spec.layer_sha256}")
 
     missing = []
