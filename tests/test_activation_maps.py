@@ -123,7 +123,7 @@ def test_zero_init_block_is_identity_and_figure_is_written(tmp_path, tiny_llm):
     (h0, h1), (w0, w1) = result.window[1], result.window[2]
     assert inside[h0:h1, w0:w1].all() and inside.sum() == (h1 - h0) * (w1 - w0)
     assert np.nanmax(result.maps["change"]) == 0.0
-    assert result.meta["llm_layer"] == 1 and result.meta["mixer"] == "pretrained"
+    assert result.meta["llm_layer"] == "1" and result.meta["mixer"] == "pretrained"
 
     out = plot_activation_maps(result, tmp_path / "figs" / "act.png")
     import matplotlib.image

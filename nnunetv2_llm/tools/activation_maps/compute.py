@@ -414,6 +414,7 @@ def _run_meta(model_folder: Path, fold: str, checkpoint: str, predictor: nnUNetP
 
 def _spec_meta(spec: BottleneckSpec) -> dict:
     """The LLM block's settings the figure names."""
-    return {"llm_source": spec.source, "llm_layer": spec.layer, "llm_layers": spec.llm_config.get("num_hidden_layers"),
+    return {"llm_source": spec.source, "llm_layer": spec.layer_label,
+            "llm_layers": spec.hf_config().num_hidden_layers,  # GPT-2 stores it as n_layer: read through the config
             "mixer": spec.mixer, "model_type": spec.model_type, "width": spec.width, "rank": spec.rank,
             "lora_rank": spec.lora_rank}
