@@ -66,8 +66,8 @@ def one_validation_case(env: dict[str, str]) -> None:
 
 def run_family(name: str, source: Path, env: dict[str, str], image_folder: Path, logs: Path) -> dict:
     """Train with the checkpoint, delete it, predict without it; exit codes, seconds and the recorded layer."""
-    from nnunetv2_llm.common.nnunet_commands import nnunet_command
-    from nnunetv2_llm.model.spec import PLANS_KEY
+    from nnunetv2_llm.common.nnunet_commands import nnunet_command, trainer_folder
+    from nnunetv2_llm.model.spec import BottleneckSpec
 
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("nnUNet_LLM_")}, **env,
            "nnUNet_results": env["nnUNet_results"] + f"/{name.replace(':', '_')}",
@@ -85,12 +85,12 @@ def run_family(name: str, source: Path, env: dict[str, str], image_folder: Path,
                                   "-d", "4", "-c", "3d_fullres", "-f", "0", "-tr", TRAINER, "-device", "cpu",
                                   "-npp", "1", "-nps", "1", "--disable_progress_bar"],
                                  env=env, stdout=f, stderr=subprocess.STDOUT).returncode
-    plans = next(Path(env["nnUNet_results"]).glob(f"*/{TRAINER}__nnUNetPlans__3d_fullres/plans.json"), None)
-    spec = json.loads(plans.read_text()).get(PLANS_KEY, {}) if plans else {}
-    layers = f"{spec['layer']}:{spec['layer'] + spec['num_layers']}" if spec else "-"
+    folder = trainer_folder(env["nnUNet_results"], 4, TRAINER, "nnUNetPlans", "3d_fullres")
+    spec = BottleneckSpec.from_model_folder(folder) if train == 0 else None
     written = len(list(output.glob("*.nii.gz")))
-    return {"family": name, "train": train, "predict": predict, "predictions": written, "layers": layers,
-            "model_type": spec.get("model_type", "-"), "seconds": round(time.time() - start),
+    return {"family": name, "train": train, "predict": predict, "predictions": written,
+            "layers": spec.layer_label if spec else "-", "model_type": spec.model_type if spec else "-",
+            "seconds": round(time.time() - start),
             "ok": train == 0 and predict == 0 and written == 1}
 
 

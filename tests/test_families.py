@@ -134,7 +134,9 @@ def test_the_project_path_builds_the_same_layer(tmp_path, model_type):
     spec = make_spec(LLMChoice("pretrained", source=str(folder), layer=1))
     mixer = build_mixer(spec)
     expected = project_layer(folder, 1)(tokens).detach()
-    read_back = BottleneckSpec(**json.loads(json.dumps(dataclasses.asdict(spec), default=str)))
+    plans: dict = {}
+    spec.to_plans(plans)
+    read_back = BottleneckSpec.from_plans(json.loads(json.dumps(plans, default=str)))
     placeholder = build_mixer(dataclasses.replace(read_back, source=str(tmp_path / "gone")), from_checkpoint=True)
     placeholder.load_state_dict(mixer.state_dict())
     with torch.no_grad():
